@@ -1,0 +1,3 @@
+from dinoreg.cli import main
+
+main()
