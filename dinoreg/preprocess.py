@@ -1,0 +1,198 @@
+"""Preprocessing recipes: an RGB image becomes a normalised (3, H, W) float32 tensor.
+
+The default recipe is the checkpoints' own processor (transformers' `BitImageProcessor`, PIL
+backend): shortest edge to 256 with bicubic, centre crop 224, rescale 1/255, ImageNet mean/std.
+`preprocess` reproduces it bit for bit; the tests compare against `BitImageProcessorPil`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dinoreg.errors import UsageError
+
+PATCH_SIZE = 14
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The released recipe resizes to 256 before a 224 crop; other crop sizes keep that ratio.
+_RESIZE_RATIO = 256 / 224
+
+INTERPOLATIONS: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "box": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "hamming": Image.Resampling.HAMMING,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+# Modes whose samples do not fit in 8 bits; Pillow's own conversion would clip them at 255.
+_WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+
+
+def _check_image_size(image_size: object) -> int:
+    ok = isinstance(image_size, int) and not isinstance(image_size, bool)
+    if ok and image_size > 0 and image_size % PATCH_SIZE == 0:
+        return image_size
+    if ok and image_size > 0:
+        lower = max(PATCH_SIZE, image_size // PATCH_SIZE * PATCH_SIZE)
+        hint = f"try {lower} or {lower + PATCH_SIZE}"
+    else:
+        hint = "try 224"
+    raise UsageError(
+        f"Image size must be a positive multiple of {PATCH_SIZE} (the patch size), "
+        f"got {image_size!r}; {hint}."
+    )
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a decoded image becomes model input; the defaults are the checkpoints' processor.
+
+    Transparent pixels are composited onto `background` (white, as the HF processor does).
+    With `crop=False` the whole image is squeezed to `image_size` square and `resize` equals it.
+    """
+
+    image_size: int = 224
+    resize: int = 256
+    crop: bool = True
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    exact_decode: bool = False
+    background: tuple[int, int, int] = (255, 255, 255)
+
+    def __post_init__(self) -> None:
+        _check_image_size(self.image_size)
+        if self.interpolation not in INTERPOLATIONS:
+            raise UsageError(
+                f"Unknown interpolation {self.interpolation!r}; use one of "
+                f"{', '.join(sorted(INTERPOLATIONS))}."
+            )
+        # Lists arrive from JSON (resume); store tuples so recipes compare and hash by value.
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        object.__setattr__(self, "background", tuple(int(v) for v in self.background))
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
+            raise UsageError("Normalisation needs three means and three positive stds (R, G, B).")
+        if len(self.background) != 3 or not all(0 <= v <= 255 for v in self.background):
+            raise UsageError("Background must be three integers in 0..255 (R, G, B).")
+        if not self.crop:
+            # Without a crop there is no intermediate size; recording the square side keeps
+            # provenance honest whatever the caller passed.
+            object.__setattr__(self, "resize", self.image_size)
+        elif not isinstance(self.resize, int) or self.resize < self.image_size:
+            raise UsageError(
+                f"Resize ({self.resize!r}) must be an integer of at least the crop size "
+                f"({self.image_size}); use Recipe.for_size() to derive it."
+            )
+
+    @classmethod
+    def for_size(
+        cls, image_size: int = 224, *, crop: bool = True, exact_decode: bool = False
+    ) -> Recipe:
+        """The released recipe scaled to `image_size`: short side to size*256/224, then crop."""
+        size = _check_image_size(image_size)
+        resize = round(size * _RESIZE_RATIO) if crop else size
+        return cls(image_size=size, resize=resize, crop=crop, exact_decode=exact_decode)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        """Rebuild a recipe from `to_dict` output (derived keys such as `grid` are ignored)."""
+        fields = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able provenance: every field, plus the patch grid."""
+        out = asdict(self)
+        for key in ("mean", "std", "background"):
+            out[key] = list(out[key])
+        out["grid"] = list(self.grid)
+        return out
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (rows, columns) the model sees."""
+        return (self.image_size // PATCH_SIZE, self.image_size // PATCH_SIZE)
+
+    @property
+    def decode_short_side(self) -> int:
+        """Smallest short side a reduced-size decode may produce: twice the resize target."""
+        return 2 * self.resize
+
+
+def resized_size(width: int, height: int, recipe: Recipe) -> tuple[int, int]:
+    """(width, height) after the resize step, rounded as transformers rounds it."""
+    if not recipe.crop:
+        return recipe.image_size, recipe.image_size
+    short, long = (width, height) if width <= height else (height, width)
+    # HF computes int(size * long / short) in floats; integer floor division is the same value
+    # for any real image size (it could differ only once size * long exceeds 2**53).
+    new_long = recipe.resize * long // short
+    return (recipe.resize, new_long) if width <= height else (new_long, recipe.resize)
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is composited onto `background`."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _WIDE_MODES:
+        return Image.fromarray(_wide_to_uint8(np.asarray(image)), "L").convert("RGB")
+    has_alpha = "A" in image.getbands() or "a" in image.getbands()
+    if has_alpha or image.info.get("transparency") is not None:
+        # Same route as HF's convert_to_rgb (RGBA, then alpha_composite), so results match it.
+        rgba = image.convert("RGBA")
+        under = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(under, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _wide_to_uint8(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype.kind == "f":
+        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        # Float images are either in [0, 1] or already on the 8-bit scale.
+        scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
+        return np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+    # Integer modes come from 16-bit files: map 0..65535 onto 0..255 (x / 257, rounded).
+    wide = np.clip(arr.astype(np.int64), 0, 65535)
+    return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+
+
+@lru_cache(maxsize=16)
+def _normalise_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    # HF rescales in float64, casts to float32, then normalises in float32. Doing exactly that
+    # once per uint8 level turns its three passes into one lookup with bit-identical results.
+    levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    mean32 = np.asarray(mean, dtype=np.float32)[:, None]
+    std32 = np.asarray(std, dtype=np.float32)[:, None]
+    table = (levels[None, :] - mean32) / std32
+    table.flags.writeable = False
+    return table
+
+
+def preprocess(image: Image.Image, recipe: Recipe) -> torch.Tensor:
+    """Resize, centre-crop and normalise an image into a (3, S, S) float32 tensor."""
+    image = to_rgb(image, recipe.background)
+    width, height = image.size
+    new_w, new_h = resized_size(width, height, recipe)
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), INTERPOLATIONS[recipe.interpolation])
+    size = recipe.image_size
+    if recipe.crop:
+        # Floor of half the excess, as HF does (torchvision rounds instead: one pixel apart).
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    pixels = np.asarray(image)
+    table = _normalise_table(recipe.mean, recipe.std)
+    out = np.empty((3, size, size), dtype=np.float32)
+    for channel in range(3):
+        # mode="clip" skips the bounds-check buffer; uint8 indices are always in range.
+        np.take(table[channel], pixels[:, :, channel], out=out[channel], mode="clip")
+    return torch.from_numpy(out)
