@@ -1,0 +1,128 @@
+"""ImageNet-1k top-k predictions from a model with a linear head, streamed batch by batch."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import TextIO
+
+import torch
+
+from dinoreg.errors import UsageError, WeightsError
+from dinoreg.images import Recipe, discover
+from dinoreg.pipeline import (
+    ComputeOptions,
+    as_input_list,
+    autocast,
+    choose_device,
+    choose_dtype,
+    run_batches,
+)
+
+
+@dataclass(frozen=True)
+class Label:
+    """One class: its index, WordNet id (when known) and human name."""
+
+    index: int
+    wnid: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Prediction:
+    rank: int
+    index: int
+    label: str
+    prob: float
+
+
+@dataclass(frozen=True)
+class Classified:
+    """The top-k classes of one image."""
+
+    path: str
+    top: tuple[Prediction, ...]
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An input that could not be classified, and why."""
+
+    path: str
+    reason: str
+
+
+@functools.cache
+def imagenet_labels() -> tuple[Label, ...]:
+    """The 1000 ImageNet-1k classes shipped with dinoreg (index, WordNet id, label)."""
+    text = resources.files("dinoreg").joinpath("data/imagenet-1k-classes.tsv").read_text("utf-8")
+    rows = [line.split("\t") for line in text.splitlines()[1:] if line.strip()]
+    return tuple(Label(int(i), wnid, name) for i, wnid, name in rows)
+
+
+def label_names(checkpoint_labels: Sequence[str] | None, num_labels: int) -> list[str]:
+    """Class names: the checkpoint's own when it has real ones, else ImageNet's for 1000 classes."""
+    if checkpoint_labels is not None and len(checkpoint_labels) == num_labels:
+        return list(checkpoint_labels)
+    if num_labels == 1000:
+        return [label.name for label in imagenet_labels()]
+    return [f"class_{i}" for i in range(num_labels)]
+
+
+def top_k(logits: torch.Tensor, names: Sequence[str], k: int) -> list[tuple[Prediction, ...]]:
+    """Softmax probabilities of the k best classes per row, best first."""
+    probs = logits.float().softmax(dim=-1)
+    values, indices = probs.topk(min(k, probs.shape[-1]), dim=-1)
+    return [
+        tuple(
+            Prediction(rank + 1, int(i), names[int(i)], float(p))
+            for rank, (p, i) in enumerate(zip(row_p.tolist(), row_i.tolist(), strict=True))
+        )
+        for row_p, row_i in zip(values, indices, strict=True)
+    ]
+
+
+def classify(
+    inputs: Sequence[str] | str,
+    model: str = "small-imagenet1k",
+    *,
+    head: str | None = None,
+    top: int = 5,
+    recipe: Recipe | None = None,
+    compute: ComputeOptions | None = None,
+    stdin: TextIO | None = None,
+) -> Iterator[Classified | Skipped]:
+    """Classify images, yielding one result per input in input order as batches finish."""
+    from dinoreg.model.weights import load_model
+
+    if top < 1:
+        raise UsageError(f"--top-k must be at least 1, got {top}.")
+    recipe = recipe or Recipe()
+    compute = compute or ComputeOptions()
+    paths = discover(as_input_list(inputs), stdin=stdin)
+    device = choose_device(compute.device)
+    dtype = choose_dtype(compute.dtype, device)
+    net = load_model(model, device=device, head=head)
+    if net.head is None:
+        raise WeightsError(
+            f"Model {model} has no classification head; use an -imagenet1k model "
+            "(e.g. small-imagenet1k) or add --head with a *_linear_head.pth file."
+        )
+    names = label_names(net.info.labels, net.cfg.num_labels)
+
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), autocast(device, dtype):
+            return net.logits(pixels).float().cpu()
+
+    order = {p: i for i, p in enumerate(paths)}
+    for result in run_batches(paths, recipe, compute, forward, device):
+        # rows and failures come back separately; put them back in input order
+        ranked = top_k(result.outputs, names, top) if result.outputs is not None else []
+        items: list[Classified | Skipped] = [
+            Classified(p, preds) for p, preds in zip(result.paths, ranked, strict=True)
+        ]
+        items += [Skipped(p, reason) for p, reason in result.failures]
+        yield from sorted(items, key=lambda item: order[item.path])

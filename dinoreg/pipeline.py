@@ -1,0 +1,171 @@
+"""Images through the model in batches: device and dtype choice, the DataLoader, the batch loop.
+
+Shared by `embed` and `classify`. The library never prints: progress goes to a callback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.utils.data
+
+from dinoreg.errors import UsageError
+from dinoreg.images import Batch, ImageDataset, Recipe, collate
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    """Where and how the model runs, and how images are fed to it."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    batch_size: int = 16
+    workers: int | None = None  # None: chosen from the cores present
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        if self.workers is not None and self.workers < 0:
+            raise UsageError(f"--workers must be 0 or more, got {self.workers}.")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise UsageError(f"Unknown --dtype {self.dtype!r}; use auto, {', '.join(DTYPES)}.")
+
+
+def as_input_list(inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[str]:
+    """One input or many, as strings."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return [os.fspath(inputs)]
+    return [os.fspath(i) for i in inputs]
+
+
+def choose_device(spec: str) -> torch.device:
+    """`auto` picks CUDA, then MPS, then CPU; an explicit device must exist."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(
+            f"Unknown --device {spec!r}; use auto, cpu, cuda, cuda:N or mps."
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                "--device cuda was asked for but CUDA is not available; use --device cpu."
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {spec} does not exist: this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)."
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps was asked for but MPS is not available; use --device cpu.")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"Unsupported --device {spec!r}; use auto, cpu, cuda, cuda:N or mps.")
+    return device
+
+
+def choose_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on CUDA that supports it, else fp16 on CUDA, fp32 elsewhere."""
+    if spec == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return DTYPES[spec]
+
+
+def default_workers(device: torch.device) -> int:
+    """Decode workers: most cores on a GPU box; on CPU, leave most cores to the model."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    if device.type == "cpu":
+        return max(1, cores // 4)
+    return max(1, min(8, cores - 1))
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Mixed precision for reduced dtypes; the model keeps norms, softmax and positions fp32."""
+    if dtype == torch.float32:
+        yield
+        return
+    with torch.autocast(device.type, dtype=dtype):
+        yield
+
+
+def make_loader(
+    paths: Sequence[str], recipe: Recipe, options: ComputeOptions, device: torch.device
+) -> torch.utils.data.DataLoader:
+    """A DataLoader over the paths in input order, decoding in worker processes."""
+    workers = options.workers if options.workers is not None else default_workers(device)
+    return torch.utils.data.DataLoader(
+        ImageDataset(paths, recipe),
+        batch_size=options.batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage of the batch loop (wall time in the main process)."""
+
+    wait_input: float = 0.0  # waiting on decode workers
+    forward: float = 0.0  # host-to-device copy, the model, device-to-host copy
+    write: float = 0.0  # handing results to the writer
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in vars(self).items()}
+
+
+@dataclass
+class BatchResult:
+    """One batch: the inputs that produced rows (in order), the outputs, and the failures."""
+
+    paths: list[str]
+    outputs: object  # whatever `compute` returned, already on the CPU
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+def run_batches(
+    paths: Sequence[str],
+    recipe: Recipe,
+    options: ComputeOptions,
+    compute: Callable[[torch.Tensor], object],
+    device: torch.device,
+    times: StageTimes | None = None,
+) -> Iterator[BatchResult]:
+    """Decode, batch and run `compute(pixels_on_device)` for each batch, in input order."""
+    times = times if times is not None else StageTimes()
+    loader = make_loader(paths, recipe, options, device)
+    tick = time.perf_counter()
+    for batch in loader:
+        batch: Batch
+        now = time.perf_counter()
+        times.wait_input += now - tick
+        failures = [(paths[i], reason) for i, reason in batch.failures]
+        good = [paths[i] for i in batch.indices]
+        outputs = None
+        if batch.pixels is not None:
+            pixels = batch.pixels.to(device, non_blocking=True)
+            outputs = compute(pixels)
+        tick = time.perf_counter()
+        times.forward += tick - now
+        yield BatchResult(good, outputs, failures)
+        tick = time.perf_counter()

@@ -1,0 +1,265 @@
+"""Reading outputs back: `inspect_output` (for `dinoreg info`) and `read` (rows, streamed).
+
+Both work on a finished `.h5`, a finished `.npy` directory, and a run still in progress or killed
+(the `.h5` path whose `<name>.h5.partial/` exists, or an `.npy` directory with a journal). For an
+unfinished run only what the journal says is committed is read, and nothing is written or locked,
+so it is safe while another process writes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from dinoreg import outfiles, staging
+from dinoreg.errors import OutputError
+from dinoreg.h5out import decode_attrs
+
+__all__ = ["OutputInfo", "Row", "inspect_output", "read"]
+
+_BLOCK_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class OutputInfo:
+    path: Path
+    format: str
+    complete: bool
+    rows: int
+    failures: list[tuple[str, str]]
+    datasets: dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype), e.g. ragged offsets
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One input's tokens; None for tokens the output does not store. `patches` is (h, w, D)."""
+
+    path: str
+    cls: np.ndarray | None
+    registers: np.ndarray | None
+    patches: np.ndarray | None
+
+
+class _Source:
+    """Uniform row access over the three kinds of output."""
+
+    path: Path
+    format: str
+    complete: bool
+    rows: int
+    meta: dict[str, Any]
+    shapes: dict[str, tuple[tuple[int, ...], str]]
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def paths(self, start: int, stop: int) -> list[str]:
+        raise NotImplementedError
+
+    def failures(self) -> list[tuple[str, str]]:
+        raise NotImplementedError
+
+
+class _DirSource(_Source):
+    """An `.npy` directory, finished (shapes from the headers) or staging (from the journal)."""
+
+    def __init__(self, directory: Path, fmt: str, stack: ExitStack) -> None:
+        self.path, self.format, self.directory = directory, fmt, directory
+        self._arrays: dict[str, tuple[int, int, str, tuple[int, ...]]] = {}
+        self.shapes = {}
+        self.meta = outfiles.read_json(directory / outfiles.META)
+        self._limits: dict[str, int | None] = {outfiles.PATHS: None, outfiles.FAILED: None}
+        self._path_iter: Iterator[str] | None = None
+        self._path_next = 0
+        if (directory / outfiles.JOURNAL).exists():
+            journal = staging.Journal.load(directory)
+            self.complete, self.rows = False, journal.rows
+            self._limits = {f: journal.lengths[f] for f in self._limits}
+            for file, descr, row_shape, count in journal.layout():
+                fd = self._open(directory / file, stack)
+                self._add(file, fd, outfiles.read_header_length(fd), descr, (count, *row_shape))
+        elif self.meta.get("complete") is True:
+            self.complete = True
+            for file in sorted(os.listdir(directory)):
+                if file.endswith(".npy"):
+                    self._add_npy(file, stack)
+            self.rows = self._count_rows()
+        else:
+            # A run killed before its first commit point: nothing was committed.
+            self.complete, self.rows = False, 0
+            self._limits = dict.fromkeys(self._limits, 0)
+
+    def _count_rows(self) -> int:
+        # Any dataset tells, without reading paths.txt through.
+        for name, (shape, _) in self.shapes.items():
+            if name.endswith("_offsets") and name.removesuffix("_offsets") in self.shapes:
+                return shape[0] - 1
+            if f"{name}_offsets" not in self.shapes:
+                return shape[0]
+        return sum(1 for _ in outfiles.iter_lines(self.directory / outfiles.PATHS))
+
+    @staticmethod
+    def _open(path: Path, stack: ExitStack) -> int:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        stack.callback(os.close, fd)
+        return fd
+
+    def _add(self, file: str, fd: int, offset: int, descr: str, shape: tuple[int, ...]) -> None:
+        name = outfiles.dataset_name(file)
+        self._arrays[name] = (fd, offset, descr, shape[1:])
+        self.shapes[name] = (shape, np.dtype(descr).name)
+
+    def _add_npy(self, file: str, stack: ExitStack) -> None:
+        path = self.directory / file
+        try:
+            with open(path, "rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+                offset = fh.tell()
+        except (OSError, ValueError):
+            raise OutputError(f"{path} is not a readable .npy file.") from None
+        if fortran or dtype.hasobject or not shape:
+            raise OutputError(f"{path} is not an array file written by dinoreg.")
+        self._add(file, self._open(path, stack), offset, dtype.str, tuple(shape))
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        fd, offset, descr, row_shape = self._arrays[name]
+        return outfiles.read_rows(fd, offset, descr, row_shape, start, stop)
+
+    def paths(self, start: int, stop: int) -> list[str]:
+        # Called with consecutive ranges, so keep one iterator rather than rescanning the file.
+        if self._path_iter is None or start != self._path_next:
+            it = outfiles.iter_paths(self.directory, self._limits[outfiles.PATHS])
+            self._path_iter, self._path_next = it, 0
+            for _ in islice(it, start):
+                pass
+        out = list(islice(self._path_iter, stop - start))
+        if len(out) != stop - start:
+            raise OutputError(f"{self.directory / outfiles.PATHS} has fewer lines than rows.")
+        self._path_next = stop
+        return out
+
+    def failures(self) -> list[tuple[str, str]]:
+        return list(outfiles.iter_failures(self.directory, self._limits[outfiles.FAILED]))
+
+
+class _H5Source(_Source):
+    def __init__(self, path: Path, stack: ExitStack) -> None:
+        self.path, self.format = path, "h5"
+        try:
+            self._file = stack.enter_context(h5py.File(path, "r"))
+        except OSError:
+            raise OutputError(
+                f"{path} is not an HDF5 file or a dinoreg output directory."
+            ) from None
+        f = self._file
+        if not isinstance(f.get("paths"), h5py.Dataset):
+            raise OutputError(f"{path} is an HDF5 file but not a dinoreg output.")
+        self.meta = decode_attrs(f.attrs)
+        self.complete = self.meta.get("complete") is True
+        self.rows = len(f["paths"])
+        self.shapes = {}
+
+        def visit(name: str, obj: Any) -> None:
+            if isinstance(obj, h5py.Dataset) and name != "paths" and not name.startswith("failed/"):
+                self.shapes[name] = (tuple(obj.shape), obj.dtype.name)
+
+        f.visititems(visit)
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self._file[name][start:stop]
+
+    def paths(self, start: int, stop: int) -> list[str]:
+        return list(self._file["paths"].asstr(errors="surrogateescape")[start:stop])
+
+    def failures(self) -> list[tuple[str, str]]:
+        group = self._file.get("failed")
+        if group is None:
+            return []
+        paths = group["paths"].asstr(errors="surrogateescape")[:]
+        reasons = group["reasons"].asstr(errors="surrogateescape")[:]
+        return list(zip(paths, reasons, strict=True))
+
+
+def _open_source(path: Path, stack: ExitStack) -> _Source:
+    path = Path(path)
+    if path.is_dir():
+        if (path / outfiles.JOURNAL).exists() or (path / outfiles.META).exists():
+            return _DirSource(path, "npy", stack)
+        raise OutputError(f"{path} is a directory but not a dinoreg output.")
+    if path.exists():
+        return _H5Source(path, stack)
+    stage = path.with_name(path.name + ".partial")
+    if (stage / outfiles.META).exists():
+        source = _DirSource(stage, "h5", stack)
+        source.path = path
+        return source
+    raise OutputError(f"{path} does not exist.")
+
+
+def inspect_output(path: Path) -> OutputInfo:
+    """What an output holds (shapes, counts, provenance), reading no feature data."""
+    with ExitStack() as stack:
+        src = _open_source(Path(path), stack)
+        return OutputInfo(
+            path=src.path,
+            format=src.format,
+            complete=src.complete,
+            rows=src.rows,
+            failures=src.failures(),
+            datasets=dict(src.shapes),
+            meta=dict(src.meta),
+        )
+
+
+def read(path: str | os.PathLike[str]) -> Iterator[Row]:
+    """Rows in output order, read in bounded blocks; patches come back as (h, w, D).
+
+    Ragged patches are reshaped with the `grids` dataset; without one they stay (k, D).
+    """
+    with ExitStack() as stack:
+        src = _open_source(Path(path), stack)
+        yield from _rows(src)
+
+
+def _rows(src: _Source) -> Iterator[Row]:
+    names = [n for n in ("cls", "registers", "patches") if n in src.shapes]
+    ragged = "patches_offsets" in src.shapes and "patches" in names
+    grids = "grids" in src.shapes
+    row_bytes = 0
+    for name in names:
+        shape, dtype = src.shapes[name]
+        count = shape[0] / max(src.rows, 1) if name == "patches" and ragged else 1
+        row_bytes += int(np.dtype(dtype).itemsize * np.prod(shape[1:]) * count)
+    block = max(1, _BLOCK_BYTES // max(row_bytes, 1))
+    for start in range(0, src.rows, block):
+        stop = min(src.rows, start + block)
+        data = {n: src.read(n, start, stop) for n in names if not (n == "patches" and ragged)}
+        if ragged:
+            offsets = src.read("patches_offsets", start, stop + 1)
+            items = src.read("patches", int(offsets[0]), int(offsets[-1]))
+            offsets = offsets - offsets[0]
+        grid = src.read("grids", start, stop) if ragged and grids else None
+        for i, row_path in enumerate(src.paths(start, stop)):
+            values = {n: a[i].copy() for n, a in data.items()}
+            if ragged:
+                patches = items[offsets[i] : offsets[i + 1]].copy()
+                if grid is not None:
+                    h, w = (int(x) for x in grid[i])
+                    if h * w != len(patches):
+                        raise OutputError(f"{src.path}: row {start + i} does not match its grid.")
+                    patches = patches.reshape(h, w, *patches.shape[1:])
+                values["patches"] = patches
+            yield Row(row_path, values.get("cls"), values.get("registers"), values.get("patches"))
