@@ -178,13 +178,14 @@ def embed(
         bar.close()
     if not quiet:
         size = _human_bytes(summary.bytes)
-        resumed = f", {summary.resumed} already done" if summary.resumed else ""
+        resumed = f", {summary.resumed} done by earlier runs" if summary.resumed else ""
+        earlier = f", {summary.failures_before} earlier" if summary.failures_before else ""
         err.print(
-            f"embedded {summary.rows} images ({len(summary.failures)} skipped{resumed}) in "
-            f"{summary.seconds:.1f} s, {summary.images_per_s:.1f} images/s -> {out} ({size})"
+            f"embedded {summary.rows} images ({len(summary.failures)} skipped{earlier}{resumed}) "
+            f"in {summary.seconds:.1f} s, {summary.images_per_s:.1f} images/s -> {out} ({size})"
         )
-    if summary.failures:
-        raise typer.Exit(EXIT_SKIPPED)
+    if summary.failures or summary.failures_before:
+        raise typer.Exit(EXIT_SKIPPED)  # the output lacks rows for some inputs
 
 
 def _resume_command() -> str:

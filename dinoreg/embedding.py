@@ -73,6 +73,7 @@ class RunSummary:
     resumed: int  # inputs already committed by an earlier run and skipped
     rows: int  # rows written by this run
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
+    failures_before: int = 0  # inputs skipped by the earlier runs of a resumed output
     seconds: float = 0.0
     complete: bool = False
     bytes: int = 0
@@ -152,7 +153,13 @@ def run_embed(
     with Writer.open(spec, meta, output.mode) as writer:
         done_before = writer.committed_inputs
         todo = [p for p in paths if p not in done_before]
-        summary = RunSummary(out=out, inputs=len(paths), resumed=len(paths) - len(todo), rows=0)
+        summary = RunSummary(
+            out=out,
+            inputs=len(paths),
+            resumed=len(paths) - len(todo),
+            rows=0,
+            failures_before=writer.failures,
+        )
         times = StageTimes()
         interrupted = False
         try:
