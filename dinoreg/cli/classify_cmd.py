@@ -1,0 +1,163 @@
+"""`dinoreg classify` and `dinoreg models`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from dinoreg.cli.app import (
+    EXIT_SKIPPED,
+    BatchOpt,
+    DebugOpt,
+    DeviceOpt,
+    DType,
+    DTypeOpt,
+    ExactOpt,
+    ImageSizeOpt,
+    Inputs,
+    JsonOpt,
+    ModelOpt,
+    NoCropOpt,
+    QuietOpt,
+    WorkersOpt,
+    app,
+    err,
+    human_bytes,
+)
+
+
+@app.command()
+def classify(
+    inputs: Inputs,
+    model: ModelOpt = "small-imagenet1k",
+    head: Annotated[
+        Path | None,
+        typer.Option("--head", help="Original *_linear_head.pth or *_linear4_head.pth on --model."),
+    ] = None,
+    top_k: Annotated[
+        int, typer.Option("--top-k", "-k", min=1, help="How many classes per image.")
+    ] = 5,
+    json_out: JsonOpt = False,
+    image_size: ImageSizeOpt = 224,
+    no_crop: NoCropOpt = False,
+    exact_decode: ExactOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DTypeOpt = DType.auto,
+    batch_size: BatchOpt = 16,
+    workers: WorkersOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """ImageNet-1k top-k labels: a table on a terminal, TSV when piped, or --json lines."""
+    from dinoreg.classify import Classified
+    from dinoreg.classify import classify as run_classify
+    from dinoreg.images import Recipe
+    from dinoreg.pipeline import ComputeOptions
+
+    recipe = Recipe.for_size(image_size, crop=not no_crop, exact_decode=exact_decode)
+    compute = ComputeOptions(
+        device=device, dtype=dtype.value, batch_size=batch_size, workers=workers
+    )
+    if model == "small-imagenet1k" and head is not None:
+        model = "small"  # a head file goes on a backbone
+    results = run_classify(
+        inputs,
+        model,
+        head=str(head) if head else None,
+        top=top_k,
+        recipe=recipe,
+        compute=compute,
+        stdin=sys.stdin,
+    )
+    skipped = 0
+    table = sys.stdout.isatty() and not json_out
+    for item in results:
+        if not isinstance(item, Classified):
+            skipped += 1
+            err.print(f"[yellow]skipped[/] {item.path}: {item.reason}")
+            continue
+        if json_out:
+            top = [vars(p) for p in item.top]
+            print(json.dumps({"path": item.path, "top": top}, ensure_ascii=False), flush=True)
+        elif table:
+            _print_table(item)
+        else:
+            for p in item.top:
+                print(f"{_tsv(item.path)}\t{p.rank}\t{p.index}\t{_tsv(p.label)}\t{p.prob:.6f}")
+            sys.stdout.flush()
+    if skipped:
+        raise typer.Exit(EXIT_SKIPPED)
+
+
+def _tsv(text: str) -> str:
+    # a tab or newline inside a field would break the columns
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in '\t\n\r"\\') else text
+
+
+def _print_table(item) -> None:
+    from rich.table import Table
+
+    table = Table(title=item.path, title_justify="left", show_edge=False, pad_edge=False)
+    table.add_column("#", justify="right")
+    table.add_column("label")
+    table.add_column("prob", justify="right")
+    for p in item.top:
+        table.add_row(str(p.rank), p.label, f"{p.prob:.1%}")
+    Console().print(table)
+
+
+# -- models and info --------------------------------------------------------------------------
+
+
+@app.command()
+def models(json_out: JsonOpt = False) -> None:
+    """Known model aliases, their hub repos and sizes, and whether each is cached locally."""
+    from dinoreg.model.config import VARIANTS, count_parameters
+    from dinoreg.model.weights import is_cached
+
+    rows = []
+    for alias, v in VARIANTS.items():
+        params = count_parameters(v.config)
+        rows.append(
+            {
+                "alias": alias,
+                "repo_id": v.repo_id,
+                "params": params,
+                "download_bytes": params * 4,
+                "for": v.purpose,
+                "cached": is_cached(v.repo_id),
+            }
+        )
+    if json_out:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    if not sys.stdout.isatty():
+        for r in rows:
+            print(
+                "\t".join(
+                    str(r[k])
+                    for k in ("alias", "repo_id", "params", "download_bytes", "for", "cached")
+                )
+            )
+        return
+    from rich.table import Table
+
+    table = Table(show_edge=False)
+    for col in ("alias", "hub repo", "params", "download", "for", "cached"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["alias"],
+            r["repo_id"],
+            f"{r['params'] / 1e6:.1f} M",
+            human_bytes(r["download_bytes"]),
+            r["for"],
+            "yes" if r["cached"] else "no",
+        )
+    Console().print(table)

@@ -1,0 +1,171 @@
+"""`dinoreg embed` and `dinoreg info`."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dinoreg.cli.app import (
+    EXIT_INTERRUPTED,
+    EXIT_SKIPPED,
+    BatchOpt,
+    DebugOpt,
+    DeviceOpt,
+    DType,
+    DTypeOpt,
+    ExactOpt,
+    Format,
+    ImageSizeOpt,
+    Inputs,
+    JsonOpt,
+    ModelOpt,
+    NoCropOpt,
+    ProgressBar,
+    QuietOpt,
+    StoreDType,
+    WorkersOpt,
+    app,
+    err,
+    human_bytes,
+)
+
+
+@app.command()
+def embed(
+    inputs: Inputs,
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="Output: x.h5, or a directory (dir/) for .npy files.")
+    ],
+    model: ModelOpt = "small",
+    format: Annotated[
+        Format | None, typer.Option("--format", help="h5 or npy (default: from --out).")
+    ] = None,
+    tokens: Annotated[
+        str, typer.Option("--tokens", help="Which tokens to store: any of cls,registers,patches.")
+    ] = "cls,registers,patches",
+    store_dtype: Annotated[
+        StoreDType, typer.Option("--store-dtype", help="Dtype on disk.")
+    ] = StoreDType.float32,
+    image_size: ImageSizeOpt = 224,
+    no_crop: NoCropOpt = False,
+    exact_decode: ExactOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DTypeOpt = DType.auto,
+    batch_size: BatchOpt = 16,
+    workers: WorkersOpt = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output.")
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted output.")
+    ] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Embed images into an HDF5 file or a directory of .npy files (resumable)."""
+    from dinoreg.embedding import Interrupted, OutputOptions, run_embed
+    from dinoreg.errors import UsageError
+    from dinoreg.images import Recipe
+    from dinoreg.pipeline import ComputeOptions
+
+    if overwrite and resume:
+        raise UsageError("--overwrite and --resume contradict each other; pick one.")
+    recipe = Recipe.for_size(image_size, crop=not no_crop, exact_decode=exact_decode)
+    compute = ComputeOptions(
+        device=device, dtype=dtype.value, batch_size=batch_size, workers=workers
+    )
+    output = OutputOptions(
+        tokens=tuple(t.strip() for t in tokens.split(",") if t.strip()),
+        store_dtype=store_dtype.value,
+        format=format.value if format else None,
+        mode="overwrite" if overwrite else "resume" if resume else "new",
+    )
+    bar = ProgressBar("embed", enabled=not quiet)
+    try:
+        summary = run_embed(inputs, out, model, recipe, compute, output, bar.update, sys.stdin)
+    except Interrupted as stop:
+        bar.close()
+        s = stop.summary
+        err.print(
+            f"[yellow]interrupted[/]: {s.rows} rows committed to {out}; continue with:\n"
+            f"  {_resume_command()}"
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        bar.close()
+    if not quiet:
+        size = human_bytes(summary.bytes)
+        resumed = f", {summary.resumed} done by earlier runs" if summary.resumed else ""
+        earlier = f", {summary.failures_before} earlier" if summary.failures_before else ""
+        err.print(
+            f"embedded {summary.rows} images ({len(summary.failures)} skipped{earlier}{resumed}) "
+            f"in {summary.seconds:.1f} s, {summary.images_per_s:.1f} images/s -> {out} ({size})"
+        )
+    if summary.failures or summary.failures_before:
+        raise typer.Exit(EXIT_SKIPPED)  # the output lacks rows for some inputs
+
+
+def _resume_command() -> str:
+    args = [a for a in sys.argv[1:] if a != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    text = shlex.join(["dinoreg", *args])
+    if "-" in args:
+        text += "   (feed the same paths on stdin again)"
+    return text
+
+
+# -- classify ---------------------------------------------------------------------------------
+
+
+@app.command()
+def info(
+    file: Annotated[
+        Path, typer.Argument(help="An output of `dinoreg embed` (.h5 or .npy directory).")
+    ],
+    json_out: JsonOpt = False,
+) -> None:
+    """What an output holds: datasets and shapes, model, recipe, complete or not, failures."""
+    from dinoreg.reader import inspect_output
+
+    about = inspect_output(file)
+    if json_out:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(about), ensure_ascii=False, default=str))
+        return
+    state = "complete" if about.complete else "INCOMPLETE: continue it with embed --resume"
+    lines = [
+        f"{about.path}  ({about.format}, {state})",
+        f"rows       {about.rows}",
+        f"failures   {len(about.failures)}",
+    ]
+    meta = about.meta
+    for key in (
+        "model",
+        "weights_sha256",
+        "image_size",
+        "grid",
+        "compute_dtype",
+        "store_dtype",
+        "tokens",
+        "dinoreg_version",
+        "created",
+    ):
+        if key in meta:
+            lines.append(f"{key:<10} {meta[key]}")
+    if "recipe" in meta:
+        lines.append(f"recipe     {json.dumps(meta['recipe'])}")
+    lines.append("datasets")
+    for name, (shape, dt) in about.datasets.items():
+        lines.append(f"  {name:<16} {tuple(shape)!s:<24} {dt}")
+    for path, reason in about.failures[:20]:
+        lines.append(f"  failed: {path}: {reason}")
+    if len(about.failures) > 20:
+        lines.append(f"  ... and {len(about.failures) - 20} more failures")
+    print("\n".join(lines))
