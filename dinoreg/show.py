@@ -1,0 +1,320 @@
+"""Pictures of what the model sees, per image: PCA colours, CLS attention, token norms, a sheet.
+
+Each image is resized at its own aspect (short side `size`, long side capped, both multiples of
+the patch size) and run once; that one pass gives the final-norm patches (PCA), the last block's
+pre-norm patches (norm map) and its attention (CLS row). Every PNG has the resized image's size,
+and maps are drawn patch for patch on it, so overlays line up exactly.
+
+Files per image, in this order: `<stem>_pca.png`, `<stem>_attn_mean.png`, one
+`<stem>_attn_head<k>.png` per head (k zero-padded to the width of the last head's index, so
+they sort), `<stem>_norm.png`, `<stem>_sheet.png`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dinoreg import visualize as viz
+from dinoreg.errors import InputError, OutputError, UsageError
+from dinoreg.images import ImageDecodeError, Recipe, load_image
+from dinoreg.pca import PCA, PCAAccumulator, fit_patches
+from dinoreg.preprocess import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE
+
+Progress = Callable[[str, int, int], None]  # (stage "fit" or "render", done, total)
+
+
+@dataclass(frozen=True)
+class ShowOptions:
+    """What `show` draws and how; the defaults suit the small model on photos."""
+
+    size: int = 448  # short side, rounded to a multiple of the patch size
+    max_size: int | None = None  # long-side cap; None means 2 * size
+    mask: bool = False  # black out PCA background (first component below its threshold)
+    pca: str | Path | None = None  # apply this saved PCA (colours comparable across images)
+    fit_pca: str | Path | None = None  # fit one PCA over all inputs, save it here, use it
+    heads: bool = True  # write one attention picture per head (the sheet shows them anyway)
+    upsample: viz.Upsample = "nearest"  # patch squares; "bilinear" is smoother
+    alpha: float = 0.6  # opacity of heat maps over the image
+    attention_cmap: str = "inferno"
+    norm_cmap: str = "viridis"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or self.size < PATCH_SIZE:
+            raise UsageError(f"Size must be an integer of at least {PATCH_SIZE}, got {self.size}.")
+        if self.max_size is not None and self.max_size < self.size:
+            raise UsageError(f"Max size ({self.max_size}) must be at least size ({self.size}).")
+        if self.pca is not None and self.fit_pca is not None:
+            raise UsageError("Give either --pca (apply a saved PCA) or --fit-pca, not both.")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UsageError(f"Alpha must be between 0 and 1, got {self.alpha}.")
+        if self.upsample not in ("nearest", "bilinear"):
+            raise UsageError(f"Unknown upsampling {self.upsample!r}; use nearest or bilinear.")
+        viz.colormap(self.attention_cmap)  # raises UsageError naming the choices
+        viz.colormap(self.norm_cmap)
+
+    @property
+    def long_side(self) -> int:
+        return self.max_size if self.max_size is not None else 2 * self.size
+
+
+@dataclass(frozen=True)
+class ImageReport:
+    """What was drawn for one input, with the numbers worth printing."""
+
+    path: str
+    stem: str
+    size: tuple[int, int]  # (W, H) of every picture
+    grid: tuple[int, int]  # (h, w) patches
+    register_attention: float  # CLS attention mass on the registers, mean over heads
+    register_attention_heads: tuple[float, ...]
+    max_norm: float  # largest pre-norm patch-token L2 norm
+    median_norm: float
+    foreground: float | None  # share of patches in the mask, when masking
+    files: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class ShowResult:
+    files: tuple[Path, ...]  # every PNG written, in input order
+    images: tuple[ImageReport, ...]
+    failed: tuple[tuple[str, str], ...]  # (path, reason) of inputs that could not be read
+    pca_file: Path | None  # where --fit-pca saved its PCA
+
+
+def aspect_size(
+    width: int, height: int, size: int, max_size: int, patch: int = PATCH_SIZE
+) -> tuple[int, int]:
+    """(W, H) with the short side near `size`, the long side at most `max_size`, aspect kept
+    and both rounded to the nearest multiple of `patch` (at least one patch)."""
+    scale = size / min(width, height)
+    if max(width, height) * scale > max_size:
+        scale = max_size / max(width, height)
+    cap = max(patch, max_size // patch * patch)  # rounding up must not pass the cap
+
+    def snap(side: float) -> int:
+        return min(cap, max(1, math.floor(side / patch + 0.5)) * patch)
+
+    return snap(width * scale), snap(height * scale)
+
+
+def unique_stems(paths: Sequence[str]) -> list[str]:
+    """File stems for outputs; repeats become `name-2`, `name-3`, ... (case-insensitively, as
+    macOS and Windows compare names)."""
+    taken: set[str] = set()
+    stems = []
+    for path in paths:
+        stem = Path(path).stem or "image"
+        candidate, k = stem, 2
+        while candidate.casefold() in taken:
+            candidate, k = f"{stem}-{k}", k + 1
+        taken.add(candidate.casefold())
+        stems.append(candidate)
+    return stems
+
+
+def output_names(stem: str, heads: int, with_heads: bool = True) -> list[str]:
+    """The file names `show` writes for one image, in order."""
+    digits = len(str(max(heads - 1, 0)))
+    per_head = [f"{stem}_attn_head{k:0{digits}d}.png" for k in range(heads)] if with_heads else []
+    return [
+        f"{stem}_pca.png",
+        f"{stem}_attn_mean.png",
+        *per_head,
+        f"{stem}_norm.png",
+        f"{stem}_sheet.png",
+    ]
+
+
+def model_identity(model: torch.nn.Module) -> tuple[str, str]:
+    """(name, weights sha256) from `load_model`'s provenance; empty for a bare module."""
+    info = getattr(model, "info", None)
+    return getattr(info, "name", "") or "", getattr(info, "sha256", "") or ""
+
+
+def load_resized(path: str, options: ShowOptions) -> Image.Image:
+    """Decode (EXIF-oriented RGB) and resize to `aspect_size`, bicubic, no crop."""
+    side = -(-options.size // PATCH_SIZE) * PATCH_SIZE
+    # Only its decode settings matter here: big JPEGs decode at a reduced size that keeps the
+    # short side at least twice `side`, well above what the resize needs.
+    image = load_image(path, Recipe(image_size=side, resize=side))
+    target = aspect_size(*image.size, options.size, options.long_side)
+    return image.resize(target, Image.Resampling.BICUBIC) if image.size != target else image
+
+
+def to_pixels(image: Image.Image, model: torch.nn.Module) -> torch.Tensor:
+    """ImageNet-normalised (1, 3, H, W) on the model's device and dtype."""
+    x = np.asarray(image, dtype=np.float32) / 255.0
+    x = (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    param = next(model.parameters())
+    return torch.from_numpy(x.transpose(2, 0, 1).copy())[None].to(param.device, param.dtype)
+
+
+@dataclass(frozen=True)
+class _Maps:
+    patches: np.ndarray  # (h, w, D) final-norm, what `embed` stores and the PCA is fitted on
+    raw: np.ndarray  # (h, w, D) last block before the final norm, where artifacts stand out
+    cls_attention: np.ndarray  # (heads, T) CLS row of the last block's attention
+
+
+def _run(model: torch.nn.Module, pixels: torch.Tensor, attention: bool = True) -> _Maps:
+    # One pass serves all three maps; it equals forward_features / intermediate_layers(norm=False)
+    # / attention_maps (the tests check), which would each run the model again.
+    with torch.inference_mode():
+        x, _, maps, grid = model.run_blocks(pixels, attention_at=[-1] if attention else [])
+        final = model.split_tokens(model.norm(x), grid).patches[0]
+        raw = model.split_tokens(x, grid).patches[0]
+        cls_row = maps[model.block_index(-1)][0, :, 0] if attention else torch.zeros(0)
+    return _Maps(_numpy(final), _numpy(raw), _numpy(cls_row))
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.float().cpu().numpy().astype(np.float64)
+
+
+def fit_pca(
+    model: torch.nn.Module,
+    paths: Sequence[str],
+    options: ShowOptions = ShowOptions(),
+    progress: Progress | None = None,
+) -> tuple[PCA, list[tuple[str, str]]]:
+    """One PCA over the final-norm patches of all readable inputs, streamed (flat memory).
+
+    Returns it with the (path, reason) of inputs that could not be read.
+    """
+    name, sha = model_identity(model)
+    acc = PCAAccumulator(model.cfg.dim)
+    failed = []
+    for i, path in enumerate(paths):
+        try:
+            image = load_resized(path, options)
+        except ImageDecodeError as exc:
+            failed.append((path, exc.reason))
+        else:
+            acc.add(_run(model, to_pixels(image, model), attention=False).patches)
+        if progress:
+            progress("fit", i + 1, len(paths))
+    if acc.count == 0:
+        raise InputError("No input could be read, so there is nothing to fit a PCA on.")
+    return acc.fit(name, sha), failed
+
+
+def show(
+    model: torch.nn.Module,
+    paths: Sequence[str],
+    out_dir: str | Path,
+    options: ShowOptions = ShowOptions(),
+    progress: Progress | None = None,
+) -> ShowResult:
+    """Draw the pictures of every input into `out_dir`; unreadable inputs are skipped and listed.
+
+    Raises OutputError before any work if a file would be overwritten without `overwrite`.
+    """
+    out = Path(out_dir)
+    heads, registers = model.cfg.heads, model.cfg.num_registers
+    stems = unique_stems(paths)
+    planned = [out / n for s in stems for n in output_names(s, heads, options.heads)]
+    if options.fit_pca is not None:
+        planned.append(Path(options.fit_pca))
+    existing = [str(p) for p in planned if p.exists()]
+    if existing and not options.overwrite:
+        more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        raise OutputError(
+            f"{', '.join(existing[:3])}{more} already exist; pass --overwrite or another --out."
+        )
+    name, sha = model_identity(model)
+    shared: PCA | None = None
+    failed: list[tuple[str, str]] = []
+    if options.pca is not None:
+        shared = PCA.load(options.pca)
+        shared.check(name, sha, model.cfg.dim, str(options.pca))
+    out.mkdir(parents=True, exist_ok=True)
+    saved = None
+    if options.fit_pca is not None:
+        shared, failed = fit_pca(model, paths, options, progress)
+        saved = shared.save(options.fit_pca)
+    skip = {p for p, _ in failed}
+    reports = []
+    for i, (path, stem) in enumerate(zip(paths, stems, strict=True)):
+        if path not in skip:
+            try:
+                image = load_resized(path, options)
+            except ImageDecodeError as exc:
+                failed.append((path, exc.reason))
+            else:
+                maps = _run(model, to_pixels(image, model))
+                reports.append(_draw(image, maps, stem, path, out, shared, options, registers))
+        if progress:
+            progress("render", i + 1, len(paths))
+    files = tuple(f for r in reports for f in r.files)
+    return ShowResult(files, tuple(reports), tuple(failed), saved)
+
+
+def _draw(
+    image: Image.Image,
+    maps: _Maps,
+    stem: str,
+    path: str,
+    out: Path,
+    shared: PCA | None,
+    options: ShowOptions,
+    registers: int,
+) -> ImageReport:
+    size = image.size
+    h, w = maps.patches.shape[:2]
+    picture = np.asarray(image)
+    pca = shared or fit_patches(maps.patches)
+    rgb = pca.colors(maps.patches)
+    foreground = None
+    if options.mask:
+        keep = pca.foreground(maps.patches)
+        rgb = rgb * keep[..., None]
+        foreground = float(keep.mean())
+    pca_png = np.rint(viz.upsample(rgb, size, options.upsample) * 255).astype(np.uint8)
+
+    def heat(grid: np.ndarray, cmap: str) -> np.ndarray:
+        # Each map on its own min..max: an outlier patch shows as the lone bright square it is.
+        colours = viz.apply_colormap(viz.upsample(viz.rescale(grid), size, options.upsample), cmap)
+        return viz.overlay(picture, colours, options.alpha)
+
+    to_registers = maps.cls_attention[:, 1 : 1 + registers].sum(axis=1)  # (heads,)
+    per_head = maps.cls_attention[:, 1 + registers :].reshape(-1, h, w)  # (heads, h, w)
+    attn_mean = heat(per_head.mean(axis=0), options.attention_cmap)
+    attn_heads = [heat(a, options.attention_cmap) for a in per_head]
+    norms = np.linalg.norm(maps.raw, axis=-1)
+    norm_png = heat(norms, options.norm_cmap)
+
+    pca_label = "PCA 1-3 as RGB" + (f", foreground {foreground:.0%}" if options.mask else "")
+    tiles = [
+        (f"image {size[0]}x{size[1]}, {h}x{w} patches", picture),
+        (pca_label, pca_png),
+        (f"CLS attention, mean; registers {to_registers.mean():.1%}", attn_mean),
+        (f"patch norm before final norm, max {norms.max():.1f}", norm_png),
+        *[
+            (f"head {k}; registers {m:.1%}", a)
+            for k, (m, a) in enumerate(zip(to_registers, attn_heads, strict=True))
+        ],
+    ]
+    names = output_names(stem, len(per_head), options.heads)
+    shown_heads = attn_heads if options.heads else []
+    pictures = [pca_png, attn_mean, *shown_heads, norm_png, viz.contact_sheet(tiles)]
+    files = tuple(viz.write_png(out / n, p) for n, p in zip(names, pictures, strict=True))
+    return ImageReport(
+        path=path,
+        stem=stem,
+        size=size,
+        grid=(h, w),
+        register_attention=float(to_registers.mean()),
+        register_attention_heads=tuple(float(m) for m in to_registers),
+        max_norm=float(norms.max()),
+        median_norm=float(np.median(norms)),
+        foreground=foreground,
+        files=files,
+    )
