@@ -109,7 +109,11 @@ class _DirSource(_Source):
 
     @staticmethod
     def _open(path: Path, stack: ExitStack) -> int:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            # A writer finished or restarted between reading the journal and opening files.
+            raise OutputError(f"{path} vanished while being read; try again.") from None
         stack.callback(os.close, fd)
         return fd
 
@@ -209,7 +213,7 @@ def _open_source(path: Path, stack: ExitStack) -> _Source:
     raise OutputError(f"{path} does not exist.")
 
 
-def inspect_output(path: Path) -> OutputInfo:
+def inspect_output(path: str | os.PathLike[str]) -> OutputInfo:
     """What an output holds (shapes, counts, provenance), reading no feature data."""
     with ExitStack() as stack:
         src = _open_source(Path(path), stack)

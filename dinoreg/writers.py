@@ -216,8 +216,9 @@ class Writer:
                 spec.path.with_name(spec.path.name + ".tmp").unlink(missing_ok=True)
             if state == "incomplete" and mode == "resume":
                 return cls._resume(spec, stage, lock_fd, doc)
-            if spec.format == "h5":
-                spec.path.unlink(missing_ok=True)  # overwrite: only now that we hold the lock
+            if spec.format == "h5" and spec.path.exists():
+                spec.path.unlink()  # overwrite: only now that we hold the lock
+                outfiles.fsync_dir(spec.path.parent)
             _clear_stage(stage, spec.format)
             doc = {**doc, "created": now(), "complete": False}
             store = StagingStore.create(stage, spec.format, spec.datasets, doc)
