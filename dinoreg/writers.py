@@ -265,6 +265,12 @@ class Writer:
         return self._store.journal.rows
 
     @property
+    def lock_fd(self) -> int:
+        """The descriptor holding the output's lock. A forked child (a decode worker) should close
+        its copy, or the lock outlives this process until the child exits."""
+        return self._lock_fd
+
+    @property
     def failures(self) -> int:
         return self._store.journal.failures
 
