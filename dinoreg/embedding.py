@@ -1,57 +1,57 @@
 """`embed`: many images -> CLS, register and patch tokens in an HDF5 file or .npy directory.
 
 Crash-safe and resumable through `dinoreg.writers`; nothing accumulates per image in memory.
+What is stored under which name: `dinoreg.embed_layout`. With `keep_aspect`, rows come grouped
+by patch grid (in (grid, input index) order, `dinoreg.buckets`), not in input order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import TextIO
 
 import numpy as np
-import torch
 
-from dinoreg import __version__
+from dinoreg.embed_layout import (
+    TOKENS,
+    Mode,
+    OutputOptions,
+    dataset_specs,
+    make_forward,
+    provenance,
+    resolve_layers,
+)
 from dinoreg.errors import UsageError
 from dinoreg.images import Recipe, discover
 from dinoreg.pipeline import (
     ComputeOptions,
     StageTimes,
     as_input_list,
-    autocast,
     choose_device,
     choose_dtype,
     run_batches,
 )
-from dinoreg.writers import DatasetSpec, OutputSpec, Writer, check_output, infer_format
+from dinoreg.writers import OutputSpec, Writer, check_output, infer_format
 
-TOKENS = ("cls", "registers", "patches")
-Mode = Literal["new", "overwrite", "resume"]
-
-
-@dataclass(frozen=True)
-class OutputOptions:
-    """What is stored and how."""
-
-    tokens: tuple[str, ...] = TOKENS
-    store_dtype: str = "float32"
-    format: str | None = None  # None: from the output path
-    mode: Mode = "new"
-
-    def __post_init__(self) -> None:
-        unknown = [t for t in self.tokens if t not in TOKENS]
-        if unknown or not self.tokens:
-            raise UsageError(
-                f"--tokens takes a comma-separated subset of {','.join(TOKENS)}; "
-                f"got {','.join(self.tokens) or 'nothing'}."
-            )
-        if self.store_dtype not in ("float32", "float16"):
-            raise UsageError(f"--store-dtype must be float32 or float16, not {self.store_dtype!r}.")
+__all__ = [
+    "TOKENS",
+    "Interrupted",
+    "Mode",
+    "OutputOptions",
+    "Progress",
+    "RunSummary",
+    "dataset_specs",
+    "embed",
+    "embed_recipe",
+    "provenance",
+    "run_embed",
+]
 
 
 @dataclass
@@ -98,8 +98,12 @@ def embed(
     model: str = "small",
     *,
     image_size: int = 224,
-    crop: bool = True,
+    crop: bool | None = None,
     exact_decode: bool = False,
+    keep_aspect: bool = False,
+    max_size: int | None = None,
+    layers: Sequence[int] | None = None,
+    final_norm: bool = True,
     tokens: Sequence[str] = TOKENS,
     store_dtype: str = "float32",
     format: str | None = None,
@@ -112,18 +116,55 @@ def embed(
     progress: Callable[[Progress], None] | None = None,
     stdin: TextIO | None = None,
 ) -> RunSummary:
-    """Embed images (files, directories, globs, "-" for stdin) into `out` (.h5 or a directory)."""
+    """Embed images (files, directories, globs, "-" for stdin) into `out` (.h5 or a directory).
+
+    `crop` (default True) centre-crops `image_size`; False squeezes the whole image to a square.
+    `keep_aspect` instead resizes each image with its short side to `image_size` and its long
+    side capped at `max_size` (default 2 * image_size), both multiples of 14, no crop; patches
+    are then stored ragged with a `grids` dataset, and rows come grouped by patch grid (in
+    (grid, input index) order) rather than in input order. `layers` (block indices, negative
+    from the end) stores those blocks' tokens as `layers/<block>/<token>` instead of the final
+    output, final-normed unless `final_norm=False`.
+    """
     if overwrite and resume:
         raise UsageError("--overwrite and --resume contradict each other; pick one.")
-    recipe = Recipe.for_size(image_size, crop=crop, exact_decode=exact_decode)
+    recipe = embed_recipe(
+        image_size, crop=crop, exact_decode=exact_decode, keep_aspect=keep_aspect, max_size=max_size
+    )
     compute = ComputeOptions(device=device, dtype=dtype, batch_size=batch_size, workers=workers)
     output = OutputOptions(
         tokens=tuple(tokens),
         store_dtype=store_dtype,
         format=format,
         mode="overwrite" if overwrite else "resume" if resume else "new",
+        layers=tuple(layers) if layers is not None else None,
+        final_norm=final_norm,
     )
     return run_embed(inputs, out, model, recipe, compute, output, progress, stdin)
+
+
+def embed_recipe(
+    image_size: int = 224,
+    *,
+    crop: bool | None = None,
+    exact_decode: bool = False,
+    keep_aspect: bool = False,
+    max_size: int | None = None,
+) -> Recipe:
+    """The preprocessing of an embed run; `crop` None means the default (crop, unless
+    `keep_aspect`, which never crops and so refuses any explicit `crop`)."""
+    if keep_aspect and crop is not None:
+        raise UsageError(
+            "--no-crop (crop) cannot be combined with --keep-aspect, which keeps the whole image "
+            "at its own aspect; drop one of them."
+        )
+    return Recipe.for_size(
+        image_size,
+        crop=True if crop is None else crop,
+        exact_decode=exact_decode,
+        keep_aspect=keep_aspect,
+        max_size=max_size,
+    )
 
 
 def run_embed(
@@ -147,6 +188,8 @@ def run_embed(
     device = choose_device(compute.device)
     dtype = choose_dtype(compute.dtype, device)
     model = load_model(model_name, device=device)
+    if output.layers is not None:
+        output = dataclasses.replace(output, layers=resolve_layers(output.layers, model.cfg.depth))
     datasets = dataset_specs(model.cfg.dim, model.cfg.num_registers, recipe.grid, output)
     meta = provenance(model, recipe, dtype, output, device)
     spec = OutputSpec(path=out, format=fmt, datasets=datasets)
@@ -162,20 +205,12 @@ def run_embed(
         )
         times = StageTimes()
         interrupted = False
+        # Keep-aspect runs plan their batches over `todo` only: the order is a stable sort on
+        # (grid, input index), so the rows an interrupted run committed are a prefix of the
+        # uninterrupted order and this run continues it batch for batch (`dinoreg.buckets`).
+        forward = make_forward(model, output, recipe.keep_aspect, device, dtype)
         try:
-            _loop(
-                model,
-                todo,
-                recipe,
-                compute,
-                output,
-                device,
-                dtype,
-                writer,
-                summary,
-                times,
-                progress,
-            )
+            _loop(forward, todo, recipe, compute, device, writer, summary, times, progress)
         except KeyboardInterrupt:
             interrupted = True
         writer.close(complete=not interrupted)
@@ -188,14 +223,7 @@ def run_embed(
     return summary
 
 
-def _loop(model, todo, recipe, compute, output, device, dtype, writer, summary, times, progress):
-    tokens = output.tokens
-
-    def forward(pixels: torch.Tensor) -> dict[str, np.ndarray]:
-        with torch.inference_mode(), autocast(device, dtype):
-            out = model.forward_features(pixels)
-        return {t: getattr(out, t).float().cpu().numpy() for t in tokens}
-
+def _loop(forward, todo, recipe, compute, device, writer, summary, times, progress):
     with BackgroundWriter(writer) as background:
         done = 0
         for result in run_batches(todo, recipe, compute, forward, device, times):
@@ -254,32 +282,6 @@ class BackgroundWriter:
                 continue  # a second Ctrl-C must not abandon committed work mid-flight
         if self.error is not None:
             raise self.error
-
-
-def dataset_specs(
-    dim: int, registers: int, grid: tuple[int, int], output: OutputOptions
-) -> tuple[DatasetSpec, ...]:
-    shapes = {"cls": (dim,), "registers": (registers, dim), "patches": (*grid, dim)}
-    return tuple(DatasetSpec(t, shapes[t], output.store_dtype) for t in output.tokens)
-
-
-def provenance(model, recipe: Recipe, dtype: torch.dtype, output: OutputOptions, device) -> dict:
-    info = model.info
-    return {
-        "dinoreg_version": __version__,
-        "model": info.name,
-        "weights_sha256": info.sha256,
-        "weights_layout": info.layout,
-        "dim": model.cfg.dim,
-        "num_registers": model.cfg.num_registers,
-        "image_size": recipe.image_size,
-        "grid": list(recipe.grid),
-        "recipe": recipe.to_dict(),
-        "compute_dtype": str(dtype).removeprefix("torch."),
-        "store_dtype": output.store_dtype,
-        "tokens": list(output.tokens),
-        "device": device.type,
-    }
 
 
 def _size_on_disk(path: Path) -> int:

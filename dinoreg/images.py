@@ -35,6 +35,7 @@ __all__ = [
     "collate",
     "discover",
     "load_image",
+    "open_formats",
     "preprocess",
 ]
 
@@ -101,7 +102,7 @@ def _decode(handle: BinaryIO, path: str, recipe: Recipe, max_pixels: int) -> Ima
         # not stop a usable image; in workers they would only clutter the terminal.
         warnings.simplefilter("ignore")
         try:
-            image = Image.open(handle, formats=_open_formats())
+            image = Image.open(handle, formats=open_formats())
             kind = image.format or kind
             _check_size(image.size, path, recipe, max_pixels)
             if not recipe.exact_decode:
@@ -121,7 +122,8 @@ def _decode(handle: BinaryIO, path: str, recipe: Recipe, max_pixels: int) -> Ima
 
 
 @lru_cache(maxsize=1)
-def _open_formats() -> tuple[str, ...]:
+def open_formats() -> tuple[str, ...]:
+    """The formats Pillow may open for us (every reader except EPS)."""
     Image.init()
     # EPS decoding runs Ghostscript, an external interpreter: untrusted files never reach it.
     return tuple(name for name in Image.OPEN if name != "EPS")
@@ -185,10 +187,10 @@ class Sample:
 
 @dataclass
 class Batch:
-    """Decoded images stacked in input order, plus the inputs that failed and why."""
+    """Decoded images stacked in batch order, plus the inputs that failed and why."""
 
     indices: list[int]
-    pixels: torch.Tensor | None  # (B, 3, S, S) float32; None when every input failed
+    pixels: torch.Tensor | None  # (B, 3, H, W) float32; None when every input failed
     failures: list[tuple[int, str]]
 
     def pin_memory(self) -> Batch:
@@ -199,10 +201,20 @@ class Batch:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Preprocessed images by index; a bad file yields a Sample with `error`, never an exception."""
+    """Preprocessed images by index; a bad file yields a Sample with `error`, never an exception.
+
+    `sizes` (N, 2) gives keep-aspect recipes the planned (W, H) of each input (`dinoreg.buckets`),
+    so every image of a bucketed batch comes out the same size; (0, 0) means unplanned (the size
+    then follows the decoded image).
+    """
 
     def __init__(
-        self, paths: Sequence[str], recipe: Recipe, *, max_pixels: int = MAX_PIXELS
+        self,
+        paths: Sequence[str],
+        recipe: Recipe,
+        *,
+        max_pixels: int = MAX_PIXELS,
+        sizes: np.ndarray | None = None,
     ) -> None:
         encoded = [os.fsencode(p) for p in paths]
         # One bytes blob plus offsets instead of a list of str: forked workers that touch list
@@ -211,6 +223,11 @@ class ImageDataset(torch.utils.data.Dataset):
         self._offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
         self.recipe = recipe
         self.max_pixels = max_pixels
+        if sizes is not None:
+            sizes = np.asarray(sizes, dtype=np.int32)
+            if not recipe.keep_aspect or sizes.shape != (len(encoded), 2):
+                raise ValueError("sizes must be (N, 2), for a keep-aspect recipe only")
+        self.sizes = sizes
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -222,11 +239,17 @@ class ImageDataset(torch.utils.data.Dataset):
         start, end = self._offsets[index], self._offsets[index + 1]
         return os.fsdecode(self._blob[start:end])
 
+    def planned_size(self, index: int) -> tuple[int, int] | None:
+        """The (W, H) planned for `index`, or None (not planned, or its header was unreadable)."""
+        if self.sizes is None or not self.sizes[index, 0]:
+            return None
+        return int(self.sizes[index, 0]), int(self.sizes[index, 1])
+
     def __getitem__(self, index: int) -> Sample:
         path = self.path(index)
         try:
             image = load_image(path, self.recipe, max_pixels=self.max_pixels)
-            pixels = preprocess(image, self.recipe)
+            pixels = preprocess(image, self.recipe, size=self.planned_size(index))
         except ImageDecodeError as exc:
             return Sample(index=index, pixels=None, error=exc.reason)
         return Sample(index=index, pixels=pixels, error=None)

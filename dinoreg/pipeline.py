@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils.data
 
+from dinoreg.buckets import BucketBatchSampler, Plan, plan
 from dinoreg.errors import UsageError
 from dinoreg.images import Batch, ImageDataset, Recipe, collate
 
@@ -106,19 +107,32 @@ def autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
 
 
 def make_loader(
-    paths: Sequence[str], recipe: Recipe, options: ComputeOptions, device: torch.device
+    paths: Sequence[str],
+    recipe: Recipe,
+    options: ComputeOptions,
+    device: torch.device,
+    batch_plan: Plan | None = None,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader over the paths in input order, decoding in worker processes."""
+    """A DataLoader over the paths in input order, decoding in worker processes.
+
+    With a keep-aspect `batch_plan` (`dinoreg.buckets`) batches follow it instead: one patch
+    grid each, every image resized to its planned size.
+    """
     workers = options.workers if options.workers is not None else default_workers(device)
+    if batch_plan is None:
+        dataset = ImageDataset(paths, recipe)
+        batching: dict = {"batch_size": options.batch_size, "shuffle": False}
+    else:
+        dataset = ImageDataset(paths, recipe, sizes=batch_plan.sizes)
+        batching = {"batch_sampler": BucketBatchSampler(batch_plan, options.batch_size)}
     return torch.utils.data.DataLoader(
-        ImageDataset(paths, recipe),
-        batch_size=options.batch_size,
-        shuffle=False,
+        dataset,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
+        **batching,
     )
 
 
@@ -126,6 +140,7 @@ def make_loader(
 class StageTimes:
     """Seconds spent per stage of the batch loop (wall time in the main process)."""
 
+    plan: float = 0.0  # keep-aspect header pre-pass
     wait_input: float = 0.0  # waiting on decode workers
     forward: float = 0.0  # host-to-device copy, the model, device-to-host copy
     write: float = 0.0  # handing results to the writer
@@ -151,9 +166,16 @@ def run_batches(
     device: torch.device,
     times: StageTimes | None = None,
 ) -> Iterator[BatchResult]:
-    """Decode, batch and run `compute(pixels_on_device)` for each batch, in input order."""
+    """Decode, batch and run `compute(pixels_on_device)` for each batch, in input order.
+
+    Keep-aspect recipes first read every header and batch by patch grid (`dinoreg.buckets`):
+    batches then come grouped by grid, in (grid, input index) order.
+    """
     times = times if times is not None else StageTimes()
-    loader = make_loader(paths, recipe, options, device)
+    tick = time.perf_counter()
+    batch_plan = plan(paths, recipe) if recipe.keep_aspect else None
+    times.plan += time.perf_counter() - tick
+    loader = make_loader(paths, recipe, options, device, batch_plan)
     tick = time.perf_counter()
     for batch in loader:
         batch: Batch

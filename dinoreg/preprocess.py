@@ -3,10 +3,15 @@
 The default recipe is the checkpoints' own processor (transformers' `BitImageProcessor`, PIL
 backend): shortest edge to 256 with bicubic, centre crop 224, rescale 1/255, ImageNet mean/std.
 `preprocess` reproduces it bit for bit; the tests compare against `BitImageProcessorPil`.
+
+With `keep_aspect` nothing is cropped: the short side goes to `image_size`, the long side is
+capped at `max_size`, both rounded to multiples of the patch size (`aspect_size`), so each image
+keeps its own patch grid.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
@@ -57,6 +62,8 @@ class Recipe:
 
     Transparent pixels are composited onto `background` (white, as the HF processor does).
     With `crop=False` the whole image is squeezed to `image_size` square and `resize` equals it.
+    With `keep_aspect` the image keeps its aspect (`aspect_size`): `image_size` is the short side,
+    `max_size` (default 2 * image_size) caps the long side, and `crop` is always False.
     """
 
     image_size: int = 224
@@ -67,6 +74,8 @@ class Recipe:
     std: tuple[float, float, float] = IMAGENET_STD
     exact_decode: bool = False
     background: tuple[int, int, int] = (255, 255, 255)
+    keep_aspect: bool = False
+    max_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_image_size(self.image_size)
@@ -83,6 +92,7 @@ class Recipe:
             raise UsageError("Normalisation needs three means and three positive stds (R, G, B).")
         if len(self.background) != 3 or not all(0 <= v <= 255 for v in self.background):
             raise UsageError("Background must be three integers in 0..255 (R, G, B).")
+        self._check_aspect()
         if not self.crop:
             # Without a crop there is no intermediate size; recording the square side keeps
             # provenance honest whatever the caller passed.
@@ -93,14 +103,52 @@ class Recipe:
                 f"({self.image_size}); use Recipe.for_size() to derive it."
             )
 
+    def _check_aspect(self) -> None:
+        if not self.keep_aspect:
+            if self.max_size is not None:
+                raise UsageError(
+                    "--max-size only applies with --keep-aspect; add --keep-aspect or drop it."
+                )
+            return
+        object.__setattr__(self, "crop", False)  # keep-aspect never crops
+        if self.max_size is None:
+            object.__setattr__(self, "max_size", 2 * self.image_size)
+        ok = isinstance(self.max_size, int) and not isinstance(self.max_size, bool)
+        if not ok or self.max_size < self.image_size:
+            raise UsageError(
+                f"--max-size ({self.max_size!r}) must be an integer of at least --image-size "
+                f"({self.image_size}), which is the short side with --keep-aspect."
+            )
+
     @classmethod
     def for_size(
-        cls, image_size: int = 224, *, crop: bool = True, exact_decode: bool = False
+        cls,
+        image_size: int = 224,
+        *,
+        crop: bool = True,
+        exact_decode: bool = False,
+        keep_aspect: bool = False,
+        max_size: int | None = None,
     ) -> Recipe:
-        """The released recipe scaled to `image_size`: short side to size*256/224, then crop."""
+        """The released recipe scaled to `image_size`: short side to size*256/224, then crop.
+
+        With `keep_aspect`, `image_size` is the short side, `max_size` caps the long side (default
+        twice the short side) and `crop` is ignored: nothing is cropped.
+        """
         size = _check_image_size(image_size)
+        if keep_aspect:
+            return cls(
+                image_size=size,
+                resize=size,
+                crop=False,
+                exact_decode=exact_decode,
+                keep_aspect=True,
+                max_size=max_size,
+            )
         resize = round(size * _RESIZE_RATIO) if crop else size
-        return cls(image_size=size, resize=resize, crop=crop, exact_decode=exact_decode)
+        return cls(
+            image_size=size, resize=resize, crop=crop, exact_decode=exact_decode, max_size=max_size
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
@@ -113,13 +161,21 @@ class Recipe:
         out = asdict(self)
         for key in ("mean", "std", "background"):
             out[key] = list(out[key])
-        out["grid"] = list(self.grid)
+        out["grid"] = list(self.grid) if self.grid is not None else None
         return out
 
     @property
-    def grid(self) -> tuple[int, int]:
-        """Patch grid (rows, columns) the model sees."""
+    def grid(self) -> tuple[int, int] | None:
+        """Patch grid (rows, columns) the model sees; None with `keep_aspect` (one per image)."""
+        if self.keep_aspect:
+            return None
         return (self.image_size // PATCH_SIZE, self.image_size // PATCH_SIZE)
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """(W, H) the model sees for an image of this (oriented) size."""
+        if self.keep_aspect:
+            return aspect_size(width, height, self.image_size, self.max_size or 0)
+        return (self.image_size, self.image_size)
 
     @property
     def decode_short_side(self) -> int:
@@ -127,10 +183,26 @@ class Recipe:
         return 2 * self.resize
 
 
+def aspect_size(
+    width: int, height: int, size: int, max_size: int, patch: int = PATCH_SIZE
+) -> tuple[int, int]:
+    """(W, H) with the short side near `size`, the long side at most `max_size`, aspect kept
+    and both rounded to the nearest multiple of `patch` (at least one patch)."""
+    scale = size / min(width, height)
+    if max(width, height) * scale > max_size:
+        scale = max_size / max(width, height)
+    cap = max(patch, max_size // patch * patch)  # rounding up must not pass the cap
+
+    def snap(side: float) -> int:
+        return min(cap, max(1, math.floor(side / patch + 0.5)) * patch)
+
+    return snap(width * scale), snap(height * scale)
+
+
 def resized_size(width: int, height: int, recipe: Recipe) -> tuple[int, int]:
     """(width, height) after the resize step, rounded as transformers rounds it."""
     if not recipe.crop:
-        return recipe.image_size, recipe.image_size
+        return recipe.target_size(width, height)
     short, long = (width, height) if width <= height else (height, width)
     # HF computes int(size * long / short) in floats; integer floor division is the same value
     # for any real image size (it could differ only once size * long exceeds 2**53).
@@ -177,21 +249,31 @@ def _normalise_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndar
     return table
 
 
-def preprocess(image: Image.Image, recipe: Recipe) -> torch.Tensor:
-    """Resize, centre-crop and normalise an image into a (3, S, S) float32 tensor."""
+def preprocess(
+    image: Image.Image, recipe: Recipe, size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Resize, centre-crop and normalise an image into a (3, S, S) float32 tensor.
+
+    With `keep_aspect` the result is (3, H, W): `size` is the (W, H) to resize to (the planned
+    size of a bucketed batch, so a batch always stacks); by default it follows the image's size.
+    """
+    if size is not None and not recipe.keep_aspect:
+        raise ValueError("preprocess: size only applies to keep-aspect recipes")
     image = to_rgb(image, recipe.background)
     width, height = image.size
-    new_w, new_h = resized_size(width, height, recipe)
+    new_w, new_h = size if size is not None else resized_size(width, height, recipe)
     if (new_w, new_h) != (width, height):
         image = image.resize((new_w, new_h), INTERPOLATIONS[recipe.interpolation])
-    size = recipe.image_size
+    out_w = out_h = recipe.image_size
     if recipe.crop:
         # Floor of half the excess, as HF does (torchvision rounds instead: one pixel apart).
-        left, top = (new_w - size) // 2, (new_h - size) // 2
-        image = image.crop((left, top, left + size, top + size))
+        left, top = (new_w - out_w) // 2, (new_h - out_h) // 2
+        image = image.crop((left, top, left + out_w, top + out_h))
+    else:
+        out_w, out_h = new_w, new_h
     pixels = np.asarray(image)
     table = _normalise_table(recipe.mean, recipe.std)
-    out = np.empty((3, size, size), dtype=np.float32)
+    out = np.empty((3, out_h, out_w), dtype=np.float32)
     for channel in range(3):
         # mode="clip" skips the bounds-check buffer; uint8 indices are always in range.
         np.take(table[channel], pixels[:, :, channel], out=out[channel], mode="clip")

@@ -12,7 +12,6 @@ they sort), `<stem>_norm.png`, `<stem>_sheet.png`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from dinoreg import visualize as viz
 from dinoreg.errors import InputError, OutputError, UsageError
 from dinoreg.images import ImageDecodeError, Recipe, load_image
 from dinoreg.pca import PCA, PCAAccumulator, fit_patches
-from dinoreg.preprocess import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE
+from dinoreg.preprocess import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, aspect_size
 
 Progress = Callable[[str, int, int], None]  # (stage "fit" or "render", done, total)
 
@@ -87,22 +86,6 @@ class ShowResult:
     images: tuple[ImageReport, ...]
     failed: tuple[tuple[str, str], ...]  # (path, reason) of inputs that could not be read
     pca_file: Path | None  # where --fit-pca saved its PCA
-
-
-def aspect_size(
-    width: int, height: int, size: int, max_size: int, patch: int = PATCH_SIZE
-) -> tuple[int, int]:
-    """(W, H) with the short side near `size`, the long side at most `max_size`, aspect kept
-    and both rounded to the nearest multiple of `patch` (at least one patch)."""
-    scale = size / min(width, height)
-    if max(width, height) * scale > max_size:
-        scale = max_size / max(width, height)
-    cap = max(patch, max_size // patch * patch)  # rounding up must not pass the cap
-
-    def snap(side: float) -> int:
-        return min(cap, max(1, math.floor(side / patch + 0.5)) * patch)
-
-    return snap(width * scale), snap(height * scale)
 
 
 def unique_stems(paths: Sequence[str]) -> list[str]:

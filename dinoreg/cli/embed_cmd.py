@@ -20,7 +20,6 @@ from dinoreg.cli.app import (
     DTypeOpt,
     ExactOpt,
     Format,
-    ImageSizeOpt,
     Inputs,
     JsonOpt,
     ModelOpt,
@@ -33,6 +32,58 @@ from dinoreg.cli.app import (
     err,
     human_bytes,
 )
+
+EmbedSizeOpt = Annotated[
+    int,
+    typer.Option(
+        "--image-size",
+        help="Crop size, a multiple of 14 (the short side goes to size*256/224 first); "
+        "with --keep-aspect, the short side.",
+    ),
+]
+KeepAspectOpt = Annotated[
+    bool,
+    typer.Option(
+        "--keep-aspect",
+        help="No crop: short side to --image-size, long side capped at --max-size, both "
+        "multiples of 14; patches stored per image with their grid, rows grouped by grid.",
+    ),
+]
+MaxSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-size", help="With --keep-aspect: cap on the long side (default 2 * --image-size)."
+    ),
+]
+LayersOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layers",
+        help="Store these blocks instead of the final output, as layers/<block>/<token>; "
+        "indices like -4,-3,-2,-1 (from the end) or 8,11.",
+    ),
+]
+NoFinalNormOpt = Annotated[
+    bool,
+    typer.Option("--no-final-norm", help="With --layers: store blocks before the final norm."),
+]
+
+
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    """`-4,-3,-2,-1` -> (-4, -3, -2, -1); UsageError on anything else."""
+    from dinoreg.errors import UsageError
+
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        if not parts or not all(parts):
+            raise ValueError
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise UsageError(
+            f"--layers takes comma-separated block indices like -4,-3,-2,-1 or 8,11; got {text!r}."
+        ) from None
 
 
 @app.command()
@@ -51,8 +102,12 @@ def embed(
     store_dtype: Annotated[
         StoreDType, typer.Option("--store-dtype", help="Dtype on disk.")
     ] = StoreDType.float32,
-    image_size: ImageSizeOpt = 224,
+    image_size: EmbedSizeOpt = 224,
     no_crop: NoCropOpt = False,
+    keep_aspect: KeepAspectOpt = False,
+    max_size: MaxSizeOpt = None,
+    layers: LayersOpt = None,
+    no_final_norm: NoFinalNormOpt = False,
     exact_decode: ExactOpt = False,
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.auto,
@@ -68,14 +123,22 @@ def embed(
     debug: DebugOpt = False,
 ) -> None:
     """Embed images into an HDF5 file or a directory of .npy files (resumable)."""
-    from dinoreg.embedding import Interrupted, OutputOptions, run_embed
+    # With --keep-aspect rows are grouped by patch grid (by grid, then input order), not in input
+    # order; `paths` names each row's input. With --layers only the listed blocks are stored
+    # (under layers/<block>/); the final output equals --layers -1.
+    from dinoreg.embedding import Interrupted, OutputOptions, embed_recipe, run_embed
     from dinoreg.errors import UsageError
-    from dinoreg.images import Recipe
     from dinoreg.pipeline import ComputeOptions
 
     if overwrite and resume:
         raise UsageError("--overwrite and --resume contradict each other; pick one.")
-    recipe = Recipe.for_size(image_size, crop=not no_crop, exact_decode=exact_decode)
+    recipe = embed_recipe(
+        image_size,
+        crop=False if no_crop else None,
+        exact_decode=exact_decode,
+        keep_aspect=keep_aspect,
+        max_size=max_size,
+    )
     compute = ComputeOptions(
         device=device, dtype=dtype.value, batch_size=batch_size, workers=workers
     )
@@ -84,6 +147,8 @@ def embed(
         store_dtype=store_dtype.value,
         format=format.value if format else None,
         mode="overwrite" if overwrite else "resume" if resume else "new",
+        layers=parse_layers(layers),
+        final_norm=not no_final_norm,
     )
     bar = ProgressBar("embed", enabled=not quiet)
     try:
@@ -150,7 +215,10 @@ def info(
         "model",
         "weights_sha256",
         "image_size",
+        "keep_aspect",
         "grid",
+        "layers",
+        "final_norm",
         "compute_dtype",
         "store_dtype",
         "tokens",

@@ -1,0 +1,150 @@
+"""What an embed run stores: its options, the datasets (names, shapes), provenance, and the
+model's outputs turned into rows for the writer.
+
+Datasets by option:
+- default: `cls` (N, D), `registers` (N, R, D), `patches` (N, h, w, D), final-normed;
+- `--layers`: the same tokens under `layers/<block>/` for each requested block (absolute index,
+  e.g. `layers/11/cls`), final-normed unless `--no-final-norm`; the root datasets are then not
+  written (the final output equals `--layers -1`);
+- `--keep-aspect`: every `patches` dataset is ragged, (total patches, D) plus `patches_offsets`
+  (N + 1,) (row i = items offsets[i]:offsets[i + 1]), and `grids` (N, 2) int32 holds each row's
+  patch grid (h, w), row-major like the patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from dinoreg import __version__
+from dinoreg.errors import UsageError
+from dinoreg.images import Recipe
+from dinoreg.pipeline import autocast
+from dinoreg.writers import DatasetSpec
+
+TOKENS = ("cls", "registers", "patches")
+GRIDS = "grids"
+Mode = Literal["new", "overwrite", "resume"]
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What is stored and how."""
+
+    tokens: tuple[str, ...] = TOKENS
+    store_dtype: str = "float32"
+    format: str | None = None  # None: from the output path
+    mode: Mode = "new"
+    layers: tuple[int, ...] | None = None  # blocks to store (negative: from the end)
+    final_norm: bool = True  # apply the final LayerNorm to the stored blocks
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tokens if t not in TOKENS]
+        if unknown or not self.tokens:
+            raise UsageError(
+                f"--tokens takes a comma-separated subset of {','.join(TOKENS)}; "
+                f"got {','.join(self.tokens) or 'nothing'}."
+            )
+        if self.store_dtype not in ("float32", "float16"):
+            raise UsageError(f"--store-dtype must be float32 or float16, not {self.store_dtype!r}.")
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            ints = all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+            if not layers or not ints:
+                raise UsageError(
+                    f"--layers takes block indices like -1 or -4,-3,-2,-1; got {self.layers!r}."
+                )
+            object.__setattr__(self, "layers", layers)
+        elif not self.final_norm:
+            raise UsageError(
+                "--no-final-norm only applies with --layers (the default tokens are always "
+                "final-normed); add --layers or drop --no-final-norm."
+            )
+
+
+def resolve_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
+    """Absolute block indices, ascending and unique; UsageError names the model's depth."""
+    for layer in layers:
+        if not -depth <= layer < depth:
+            raise UsageError(
+                f"--layers {layer} is out of range for this model, which has {depth} blocks "
+                f"(use 0..{depth - 1} or -{depth}..-1)."
+            )
+    return tuple(sorted({layer % depth for layer in layers}))
+
+
+def dataset_specs(
+    dim: int, registers: int, grid: tuple[int, int] | None, output: OutputOptions
+) -> tuple[DatasetSpec, ...]:
+    """The datasets of an output; `grid` None means keep-aspect (ragged patches plus `grids`).
+
+    `output.layers` must already be absolute (`resolve_layers`).
+    """
+    ragged = grid is None
+    shapes = {
+        "cls": (dim,),
+        "registers": (registers, dim),
+        "patches": (dim,) if grid is None else (*grid, dim),
+    }
+    prefixes = [f"layers/{i}/" for i in output.layers] if output.layers is not None else [""]
+    specs = [
+        DatasetSpec(prefix + t, shapes[t], output.store_dtype, ragged=ragged and t == "patches")
+        for prefix in prefixes
+        for t in output.tokens
+    ]
+    if ragged:
+        specs.append(DatasetSpec(GRIDS, (2,), "int32"))
+    return tuple(specs)
+
+
+def provenance(model, recipe: Recipe, dtype: torch.dtype, output: OutputOptions, device) -> dict:
+    info = model.info
+    return {
+        "dinoreg_version": __version__,
+        "model": info.name,
+        "weights_sha256": info.sha256,
+        "weights_layout": info.layout,
+        "dim": model.cfg.dim,
+        "num_registers": model.cfg.num_registers,
+        "image_size": recipe.image_size,
+        "keep_aspect": recipe.keep_aspect,
+        "grid": list(recipe.grid) if recipe.grid is not None else None,
+        "recipe": recipe.to_dict(),
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "store_dtype": output.store_dtype,
+        "tokens": list(output.tokens),
+        "layers": list(output.layers) if output.layers is not None else None,
+        "final_norm": output.final_norm,
+        "device": device.type,
+    }
+
+
+def make_forward(
+    model, output: OutputOptions, keep_aspect: bool, device: torch.device, dtype: torch.dtype
+) -> Callable[[torch.Tensor], dict[str, Any]]:
+    """pixels (B, 3, H, W) on the device -> {dataset name: rows on the CPU} for `write_batch`."""
+
+    def forward(pixels: torch.Tensor) -> dict[str, Any]:
+        with torch.inference_mode(), autocast(device, dtype):
+            if output.layers is None:
+                outs = [("", model.forward_features(pixels))]
+            else:
+                blocks = model.intermediate_layers(pixels, output.layers, norm=output.final_norm)
+                outs = [(f"layers/{i}/", o) for i, o in zip(output.layers, blocks, strict=True)]
+        arrays: dict[str, Any] = {}
+        for prefix, out in outs:
+            for t in output.tokens:
+                a = getattr(out, t).float().cpu().numpy()
+                if keep_aspect and t == "patches":
+                    a = list(a.reshape(a.shape[0], -1, a.shape[-1]))  # ragged: (h*w, D) per row
+                arrays[prefix + t] = a
+        if keep_aspect:
+            grid = np.asarray(outs[0][1].grid, np.int32)
+            arrays[GRIDS] = np.tile(grid, (pixels.shape[0], 1))
+        return arrays
+
+    return forward
