@@ -226,7 +226,8 @@ def run_embed(
 def _loop(forward, todo, recipe, compute, device, writer, summary, times, progress):
     with BackgroundWriter(writer) as background:
         done = 0
-        for result in run_batches(todo, recipe, compute, forward, device, times):
+        lock = (writer.lock_fd,)  # decode workers must not keep the output locked
+        for result in run_batches(todo, recipe, compute, forward, device, times, lock):
             tick = time.perf_counter()
             arrays = result.outputs if result.outputs is not None else _empty(writer)
             background.submit(result.paths, arrays, result.failures)

@@ -59,7 +59,15 @@ def resume_differences(
     diffs = []
     for key in RESUME_KEYS:
         old, new = old_meta.get(key, _UNSET), new_meta.get(key, _UNSET)
-        if old != new:
+        if old == new:
+            continue
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            # name the fields that differ (e.g. recipe.max_size), not two long dicts
+            for field in sorted(set(old) | set(new)):
+                a, b = old.get(field, _UNSET), new.get(field, _UNSET)
+                if a != b:
+                    diffs.append(f"{key}.{field} {_show(a)} -> {_show(b)}")
+        else:
             diffs.append(f"{key} {_show(old)} -> {_show(new)}")
     if tuple(old_specs) != tuple(new_specs):
 

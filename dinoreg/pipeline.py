@@ -6,6 +6,7 @@ Shared by `embed` and `classify`. The library never prints: progress goes to a c
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -112,11 +113,13 @@ def make_loader(
     options: ComputeOptions,
     device: torch.device,
     batch_plan: Plan | None = None,
+    close_in_workers: Sequence[int] = (),
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over the paths in input order, decoding in worker processes.
 
     With a keep-aspect `batch_plan` (`dinoreg.buckets`) batches follow it instead: one patch
-    grid each, every image resized to its planned size.
+    grid each, every image resized to its planned size. `close_in_workers` are descriptors a
+    forked worker must not keep open (the output's lock, which would outlive a killed run).
     """
     workers = options.workers if options.workers is not None else default_workers(device)
     if batch_plan is None:
@@ -132,8 +135,15 @@ def make_loader(
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
+        worker_init_fn=functools.partial(_close_fds, tuple(close_in_workers)),
         **batching,
     )
+
+
+def _close_fds(fds: tuple[int, ...], worker_id: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 @dataclass
@@ -165,6 +175,7 @@ def run_batches(
     compute: Callable[[torch.Tensor], object],
     device: torch.device,
     times: StageTimes | None = None,
+    close_in_workers: Sequence[int] = (),
 ) -> Iterator[BatchResult]:
     """Decode, batch and run `compute(pixels_on_device)` for each batch, in input order.
 
@@ -175,7 +186,7 @@ def run_batches(
     tick = time.perf_counter()
     batch_plan = plan(paths, recipe) if recipe.keep_aspect else None
     times.plan += time.perf_counter() - tick
-    loader = make_loader(paths, recipe, options, device, batch_plan)
+    loader = make_loader(paths, recipe, options, device, batch_plan, close_in_workers)
     tick = time.perf_counter()
     for batch in loader:
         batch: Batch

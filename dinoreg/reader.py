@@ -9,6 +9,7 @@ so it is safe while another process writes.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -228,42 +229,66 @@ def inspect_output(path: str | os.PathLike[str]) -> OutputInfo:
         )
 
 
-def read(path: str | os.PathLike[str]) -> Iterator[Row]:
+def read(path: str | os.PathLike[str], layer: int | None = None) -> Iterator[Row]:
     """Rows in output order, read in bounded blocks; patches come back as (h, w, D).
 
-    Ragged patches are reshaped with the `grids` dataset; without one they stay (k, D).
+    Ragged patches are reshaped with the `grids` dataset; without one they stay (k, D). For an
+    output written with `--layers`, `layer` picks a stored block (its index, or negative from the
+    model's end); by default the root tokens, or the deepest stored layer when there are none.
     """
     with ExitStack() as stack:
         src = _open_source(Path(path), stack)
-        yield from _rows(src)
+        yield from _rows(src, _layer_prefix(src, layer))
 
 
-def _rows(src: _Source) -> Iterator[Row]:
-    names = [n for n in ("cls", "registers", "patches") if n in src.shapes]
-    ragged = "patches_offsets" in src.shapes and "patches" in names
+def _layer_prefix(src: _Source, layer: int | None) -> str:
+    stored = sorted(
+        {int(n.split("/")[1]) for n in src.shapes if re.fullmatch(r"layers/-?\d+/\w+", n)}
+    )
+    if not stored:
+        if layer is not None:
+            raise OutputError(f"{src.path} holds no intermediate layers; read it without layer=.")
+        return ""
+    if layer is None:
+        has_root = any(t in src.shapes for t in ("cls", "registers", "patches"))
+        return "" if has_root else f"layers/{stored[-1]}/"
+    depth = src.meta.get("depth")
+    block = layer + depth if layer < 0 and isinstance(depth, int) else layer
+    if block not in stored:
+        raise OutputError(
+            f"{src.path} holds layers {', '.join(map(str, stored))}, not {layer}; pick one of them."
+        )
+    return f"layers/{block}/"
+
+
+def _rows(src: _Source, prefix: str = "") -> Iterator[Row]:
+    tokens = [t for t in ("cls", "registers", "patches") if prefix + t in src.shapes]
+    names = [prefix + t for t in tokens]
+    patches = prefix + "patches"
+    ragged = patches + "_offsets" in src.shapes and patches in names
     grids = "grids" in src.shapes
     row_bytes = 0
     for name in names:
         shape, dtype = src.shapes[name]
-        count = shape[0] / max(src.rows, 1) if name == "patches" and ragged else 1
+        count = shape[0] / max(src.rows, 1) if name == patches and ragged else 1
         row_bytes += int(np.dtype(dtype).itemsize * np.prod(shape[1:]) * count)
     block = max(1, _BLOCK_BYTES // max(row_bytes, 1))
     for start in range(0, src.rows, block):
         stop = min(src.rows, start + block)
-        data = {n: src.read(n, start, stop) for n in names if not (n == "patches" and ragged)}
+        data = {n: src.read(n, start, stop) for n in names if not (n == patches and ragged)}
         if ragged:
-            offsets = src.read("patches_offsets", start, stop + 1)
-            items = src.read("patches", int(offsets[0]), int(offsets[-1]))
+            offsets = src.read(patches + "_offsets", start, stop + 1)
+            items = src.read(patches, int(offsets[0]), int(offsets[-1]))
             offsets = offsets - offsets[0]
         grid = src.read("grids", start, stop) if ragged and grids else None
         for i, row_path in enumerate(src.paths(start, stop)):
-            values = {n: a[i].copy() for n, a in data.items()}
+            values = {n.removeprefix(prefix): a[i].copy() for n, a in data.items()}
             if ragged:
-                patches = items[offsets[i] : offsets[i + 1]].copy()
+                own = items[offsets[i] : offsets[i + 1]].copy()
                 if grid is not None:
                     h, w = (int(x) for x in grid[i])
-                    if h * w != len(patches):
+                    if h * w != len(own):
                         raise OutputError(f"{src.path}: row {start + i} does not match its grid.")
-                    patches = patches.reshape(h, w, *patches.shape[1:])
-                values["patches"] = patches
+                    own = own.reshape(h, w, *own.shape[1:])
+                values["patches"] = own
             yield Row(row_path, values.get("cls"), values.get("registers"), values.get("patches"))

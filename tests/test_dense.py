@@ -365,6 +365,13 @@ def test_layers_with_keep_aspect_are_ragged_per_layer(photos, tiny_dir, tmp_path
         ref = _hf_states(tiny_dir, x, True)[1][0, 5:]  # final-normed patches of the last block
         assert tuple(grids[i]) == (x.shape[2] // 14, x.shape[3] // 14)
         assert np.abs(patches[offsets[i] : offsets[i + 1]] - ref.numpy()).max() <= TOL
+    rows = list(dinoreg.read(out))  # the deepest stored layer by default
+    assert [r.path for r in rows] == paths
+    assert rows[0].patches.shape == (*grids[0], 32) and rows[0].cls is None
+    assert [r.path for r in dinoreg.read(out, layer=-1)] == paths
+    assert np.array_equal(next(iter(dinoreg.read(out, layer=1))).patches, rows[0].patches)
+    with pytest.raises(OutputError, match="holds layers 1, not 0"):
+        next(iter(dinoreg.read(out, layer=0)))
 
 
 # -- flags ------------------------------------------------------------------------------------

@@ -192,3 +192,14 @@ def test_kill_9_of_an_npy_run_then_resume(photos, tiny_dir, tmp_path):
     np.testing.assert_allclose(np.load(out / "cls.npy"), np.load(ref / "cls.npy"), atol=1e-5)
     assert (out / "paths.txt").read_text() == (ref / "paths.txt").read_text()
     assert not (out / "journal.json").exists()
+
+
+def test_decode_workers_do_not_keep_a_killed_run_locked(photos, tiny_dir, tmp_path):
+    out = tmp_path / "feats.h5"
+    proc = start(out, photos, tiny_dir.path, "--workers", "2", delay=0.2)
+    wait_for(lambda: committed_rows(out) >= 2, proc)
+    proc.send_signal(signal.SIGKILL)  # the main process only: its workers live on a moment
+    proc.wait()
+    res = resume(out, photos, tiny_dir.path)
+    assert "another dinoreg process" not in res.stderr
+    assert res.returncode == 3, res.stderr
