@@ -18,6 +18,7 @@ from dinoreg.pipeline import (
     autocast,
     choose_device,
     choose_dtype,
+    compile_model,
     run_batches,
 )
 
@@ -105,7 +106,7 @@ def classify(
     paths = discover(as_input_list(inputs), stdin=stdin)
     device = choose_device(compute.device)
     dtype = choose_dtype(compute.dtype, device)
-    net = load_model(model, device=device, head=head)
+    net = compile_model(load_model(model, device=device, head=head), compute)
     if net.head is None:
         raise WeightsError(
             f"Model {model} has no classification head; use an -imagenet1k model "

@@ -35,6 +35,7 @@ from dinoreg.pipeline import (
     as_input_list,
     choose_device,
     choose_dtype,
+    compile_model,
     run_batches,
 )
 from dinoreg.writers import OutputSpec, Writer, check_output, infer_format
@@ -187,7 +188,7 @@ def run_embed(
     paths = discover(as_input_list(inputs), stdin=stdin)
     device = choose_device(compute.device)
     dtype = choose_dtype(compute.dtype, device)
-    model = load_model(model_name, device=device)
+    model = compile_model(load_model(model_name, device=device), compute)
     if output.layers is not None:
         output = dataclasses.replace(output, layers=resolve_layers(output.layers, model.cfg.depth))
     datasets = dataset_specs(model.cfg.dim, model.cfg.num_registers, recipe.grid, output)

@@ -30,7 +30,7 @@ class ComputeOptions:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     batch_size: int = 16
     workers: int | None = None  # None: chosen from the cores present
-    compile: bool = False
+    compile: bool = False  # torch.compile the model's entry points (worth it on long GPU runs)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -97,6 +97,19 @@ def default_workers(device: torch.device) -> int:
     return max(1, min(8, cores - 1))
 
 
+def compile_model(model: torch.nn.Module, options: ComputeOptions) -> torch.nn.Module:
+    """With `options.compile`, route the model's entry points through torch.compile.
+
+    The instance attributes shadow the methods, so callers keep calling `forward_features` etc.
+    Each new input shape (a keep-aspect grid, a last short batch) compiles once more.
+    """
+    if not options.compile:
+        return model
+    for name in ("forward_features", "intermediate_layers", "logits"):
+        setattr(model, name, torch.compile(getattr(model, name), dynamic=False))
+    return model
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
     """Mixed precision for reduced dtypes; the model keeps norms, softmax and positions fp32."""
@@ -122,12 +135,13 @@ def make_loader(
     forked worker must not keep open (the output's lock, which would outlive a killed run).
     """
     workers = options.workers if options.workers is not None else default_workers(device)
+    chunk = chunk_size(options.batch_size, workers)
     if batch_plan is None:
         dataset = ImageDataset(paths, recipe)
-        batching: dict = {"batch_size": options.batch_size, "shuffle": False}
+        batching: dict = {"batch_size": chunk, "shuffle": False}
     else:
         dataset = ImageDataset(paths, recipe, sizes=batch_plan.sizes)
-        batching = {"batch_sampler": BucketBatchSampler(batch_plan, options.batch_size)}
+        batching = {"batch_sampler": BucketBatchSampler(batch_plan, options.batch_size, chunk)}
     return torch.utils.data.DataLoader(
         dataset,
         num_workers=workers,
@@ -138,6 +152,15 @@ def make_loader(
         worker_init_fn=functools.partial(_close_fds, tuple(close_in_workers)),
         **batching,
     )
+
+
+def chunk_size(batch_size: int, workers: int) -> int:
+    """Images one decode worker prepares at a time. A DataLoader worker builds a whole batch, so
+    with big batches and few inputs most workers would idle; workers deliver pieces of a batch
+    instead, and the batch loop puts them back together."""
+    if workers <= 1:
+        return batch_size
+    return max(1, min(batch_size, -(-batch_size // workers)))
 
 
 def _close_fds(fds: tuple[int, ...], worker_id: int) -> None:
@@ -187,18 +210,46 @@ def run_batches(
     batch_plan = plan(paths, recipe) if recipe.keep_aspect else None
     times.plan += time.perf_counter() - tick
     loader = make_loader(paths, recipe, options, device, batch_plan, close_in_workers)
+    # the batches the pieces add up to: fixed-size runs, or the plan's one-grid batches
+    if batch_plan is None:
+        size = options.batch_size
+        lengths = iter([size] * (len(paths) // size) + [len(paths) % size])
+    else:
+        lengths = iter([len(b) for b in batch_plan.batches(options.batch_size)])
+    pending: list[tuple[Batch, torch.Tensor | None]] = []  # pieces of the next batch
+    target, count = next(lengths, 0), 0
     tick = time.perf_counter()
-    for batch in loader:
-        batch: Batch
-        now = time.perf_counter()
-        times.wait_input += now - tick
-        failures = [(paths[i], reason) for i, reason in batch.failures]
-        good = [paths[i] for i in batch.indices]
-        outputs = None
-        if batch.pixels is not None:
-            pixels = batch.pixels.to(device, non_blocking=True)
-            outputs = compute(pixels)
+    for piece in loader:
+        piece: Batch
+        times.wait_input += time.perf_counter() - tick
+        # start the copy to the device now; it overlaps with waiting for the next piece
+        on_device = None
+        if piece.pixels is not None:
+            on_device = piece.pixels.to(device, non_blocking=True)
+        pending.append((piece, on_device))
+        count += len(piece.indices) + len(piece.failures)
+        if count >= target:
+            yield from _flush(pending, paths, compute, times)
+            pending, target, count = [], next(lengths, 0), 0
         tick = time.perf_counter()
-        times.forward += tick - now
-        yield BatchResult(good, outputs, failures)
-        tick = time.perf_counter()
+    if pending:
+        yield from _flush(pending, paths, compute, times)
+
+
+def _flush(
+    pending: list[tuple[Batch, torch.Tensor | None]],
+    paths: Sequence[str],
+    compute: Callable[[torch.Tensor], object],
+    times: StageTimes,
+) -> Iterator[BatchResult]:
+    """Run one batch made of the pending pieces; yield its result."""
+    now = time.perf_counter()
+    good = [paths[i] for piece, _ in pending for i in piece.indices]
+    failures = [(paths[i], reason) for piece, _ in pending for i, reason in piece.failures]
+    tensors = [p for _, p in pending if p is not None]
+    outputs = None
+    if tensors:
+        pixels = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+        outputs = compute(pixels)
+    times.forward += time.perf_counter() - now
+    yield BatchResult(good, outputs, failures)

@@ -270,3 +270,26 @@ def test_python_api_returns_the_summary(tmp_path, tiny_dir):
     assert summary.bytes == (tmp_path / "api.h5").stat().st_size
     rows = list(dinoreg.read(tmp_path / "api.h5"))
     assert len(rows) == 7 and rows[0].patches.shape == (16, 16, 32)
+
+
+def test_workers_share_a_batch_and_batches_stay_whole(tmp_path, tiny_dir):
+    """Two workers each decode half of a batch; the loop puts the halves back together."""
+    import dinoreg
+    from dinoreg.pipeline import chunk_size
+
+    assert chunk_size(4, 2) == 2 and chunk_size(256, 15) == 18 and chunk_size(16, 1) == 16
+    events = []
+    one = dinoreg.embed(EXAMPLES, tmp_path / "a.h5", model=str(tiny_dir.path), workers=0)
+    two = dinoreg.embed(
+        EXAMPLES,
+        tmp_path / "b.h5",
+        model=str(tiny_dir.path),
+        workers=2,
+        batch_size=4,
+        progress=events.append,
+    )
+    assert [e.rows for e in events] == [4, 7]  # whole batches of 4, then the rest
+    assert one.rows == two.rows == 7
+    a, b = _rows(tmp_path / "a.h5"), _rows(tmp_path / "b.h5")
+    for name in a:
+        assert np.abs(a[name].patches - b[name].patches).max() <= 1e-5

@@ -84,6 +84,9 @@ WorkersOpt = Annotated[
         "--workers", "-j", min=0, help="Decode worker processes (default: from the cores)."
     ),
 ]
+CompileOpt = Annotated[
+    bool, typer.Option("--compile", help="torch.compile the model (pays off on long GPU runs).")
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.", hidden=True)]

@@ -13,6 +13,7 @@ from rich.console import Console
 from dinoreg.cli.app import (
     EXIT_SKIPPED,
     BatchOpt,
+    CompileOpt,
     DebugOpt,
     DeviceOpt,
     DType,
@@ -50,6 +51,7 @@ def classify(
     dtype: DTypeOpt = DType.auto,
     batch_size: BatchOpt = 16,
     workers: WorkersOpt = None,
+    compile: CompileOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -61,7 +63,7 @@ def classify(
 
     recipe = Recipe.for_size(image_size, crop=not no_crop, exact_decode=exact_decode)
     compute = ComputeOptions(
-        device=device, dtype=dtype.value, batch_size=batch_size, workers=workers
+        device=device, dtype=dtype.value, batch_size=batch_size, workers=workers, compile=compile
     )
     if model == "small-imagenet1k" and head is not None:
         model = "small"  # a head file goes on a backbone

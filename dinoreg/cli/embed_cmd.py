@@ -14,6 +14,7 @@ from dinoreg.cli.app import (
     EXIT_INTERRUPTED,
     EXIT_SKIPPED,
     BatchOpt,
+    CompileOpt,
     DebugOpt,
     DeviceOpt,
     DType,
@@ -113,6 +114,7 @@ def embed(
     dtype: DTypeOpt = DType.auto,
     batch_size: BatchOpt = 16,
     workers: WorkersOpt = None,
+    compile: CompileOpt = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing output.")
     ] = False,
@@ -140,7 +142,7 @@ def embed(
         max_size=max_size,
     )
     compute = ComputeOptions(
-        device=device, dtype=dtype.value, batch_size=batch_size, workers=workers
+        device=device, dtype=dtype.value, batch_size=batch_size, workers=workers, compile=compile
     )
     output = OutputOptions(
         tokens=tuple(t.strip() for t in tokens.split(",") if t.strip()),

@@ -1,0 +1,231 @@
+"""GPU benchmarks (run where CUDA is available): forward throughput of dinoreg vs transformers on
+identical random weights with the real shapes, as a fraction of the card's matmul peak measured
+in the same run; a batch-size sweep; bf16 vs fp16; torch.compile on/off; and `dinoreg.embed` end
+to end over real JPEGs against forward-only throughput, with the time split per stage.
+
+`python benchmarks/gpu.py --out bench-out [--images DIR]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+SIZES = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 8192, reps: int = 20) -> float:
+    """TFLOP/s of a large square matmul, the ceiling the forward is compared with."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def flops_per_image(dim: int, depth: int, tokens: int = 261, patches: int = 256) -> float:
+    """Multiply-adds x 2 of one 224x224 forward: projections, attention, MLP, patch embedding."""
+    per_block = 24 * tokens * dim**2 + 4 * tokens**2 * dim
+    return depth * per_block + 2 * patches * 3 * 14 * 14 * dim
+
+
+def make_checkpoint(size: str, folder: Path) -> Path:
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    dim, depth, heads = SIZES[size]
+    cfg = Dinov2WithRegistersConfig(
+        hidden_size=dim,
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        image_size=518,
+        patch_size=14,
+        num_register_tokens=4,
+    )
+    torch.manual_seed(0)
+    path = folder / size
+    Dinov2WithRegistersModel(cfg).save_pretrained(path)
+    return path
+
+
+def throughput(fn, x: torch.Tensor, seconds: float = 3.0) -> float:
+    """Images/s of fn(x), after warm-up, over about `seconds`."""
+    for _ in range(3):
+        fn(x)
+    torch.cuda.synchronize()
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        fn(x)
+        n += 1
+    torch.cuda.synchronize()
+    return n * x.shape[0] / (time.perf_counter() - t)
+
+
+def forward_section(work: Path, peaks: dict[str, float], batches: list[int]) -> list[dict]:
+    from transformers import Dinov2WithRegistersModel
+
+    import dinoreg
+
+    rows = []
+    for size in ("small", "base", "large"):
+        ckpt = make_checkpoint(size, work)
+        dim, depth, _ = SIZES[size]
+        gflop = flops_per_image(dim, depth) / 1e9
+        ours = dinoreg.load_model(str(ckpt), device="cuda")
+        theirs = Dinov2WithRegistersModel.from_pretrained(ckpt, attn_implementation="sdpa")
+        theirs = theirs.cuda().eval()
+        for dtype_name in ("bfloat16", "float16"):
+            dtype = DTYPES[dtype_name]
+            for batch in batches if dtype_name == "bfloat16" else [max(batches)]:
+                x = torch.randn(batch, 3, 224, 224, device="cuda")
+
+                def run_ours(x, dtype=dtype, model=ours):
+                    with torch.inference_mode(), torch.autocast("cuda", dtype=dtype):
+                        return model.forward_features(x)
+
+                def run_theirs(x, dtype=dtype, model=theirs):
+                    with torch.inference_mode(), torch.autocast("cuda", dtype=dtype):
+                        return model(pixel_values=x).last_hidden_state
+
+                a, b = throughput(run_ours, x), throughput(run_theirs, x)
+                row = {
+                    "model": size,
+                    "dtype": dtype_name,
+                    "batch": batch,
+                    "dinoreg_img_s": round(a),
+                    "transformers_img_s": round(b),
+                    "ratio": round(a / b, 3),
+                    "dinoreg_tflops": round(a * gflop / 1e3, 1),
+                    "peak_fraction": round(a * gflop / 1e3 / peaks[dtype_name], 3),
+                }
+                rows.append(row)
+                log(row)
+        del ours, theirs
+        torch.cuda.empty_cache()
+    return rows
+
+
+def compile_section(work: Path, peaks: dict[str, float], batch: int) -> list[dict]:
+    import dinoreg
+
+    rows = []
+    ckpt = work / "large"
+    gflop = flops_per_image(*SIZES["large"][:2]) / 1e9
+    for compiled in (False, True):
+        model = dinoreg.load_model(str(ckpt), device="cuda")
+        fn = torch.compile(model.forward_features) if compiled else model.forward_features
+        x = torch.randn(batch, 3, 224, 224, device="cuda")
+
+        def run(x, fn=fn):
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                return fn(x)
+
+        t = time.perf_counter()
+        run(x)
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t
+        ips = throughput(run, x)
+        rows.append(
+            {
+                "model": "large",
+                "batch": batch,
+                "compile": compiled,
+                "img_s": round(ips),
+                "first_call_s": round(first, 1),
+                "peak_fraction": round(ips * gflop / 1e3 / peaks["bfloat16"], 3),
+            }
+        )
+        log(rows[-1])
+    return rows
+
+
+def embed_section(work: Path, images: Path, count: int, batch: int, workers: int) -> list[dict]:
+    import dinoreg
+
+    folder = work / "jpegs"
+    folder.mkdir()
+    sources = sorted(images.glob("*.jpg"))
+    for i in range(count):
+        shutil.copyfile(sources[i % len(sources)], folder / f"{i:05d}.jpg")
+    rows = []
+    for size in ("small", "large"):
+        ckpt = work / size
+        for exact in (False, True):
+            out = work / f"{size}-{exact}.h5"
+            s = dinoreg.embed(
+                folder,
+                out,
+                model=str(ckpt),
+                device="cuda",
+                dtype="bfloat16",
+                batch_size=batch,
+                workers=workers,
+                exact_decode=exact,
+                tokens=["cls", "registers", "patches"],
+            )
+            loop = sum(s.times.get(k, 0.0) for k in ("wait_input", "forward", "write"))
+            rows.append(
+                {
+                    "model": size,
+                    "decode": "exact" if exact else "reduced",
+                    "images": count,
+                    "img_s_total": round(s.rows / s.seconds, 1),
+                    "img_s_loop": round(s.rows / loop, 1),
+                    "times": s.times,
+                    "workers": workers,
+                    "batch": batch,
+                }
+            )
+            log(rows[-1])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--images", type=Path, default=HERE.parent.parent / "shared/images/bench")
+    parser.add_argument("--count", type=int, default=1024)
+    parser.add_argument("--workers", type=int, default=15)
+    parser.add_argument("--sections", default="forward,compile,embed")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: nothing to measure")
+    args.out.mkdir(parents=True, exist_ok=True)
+    sections = args.sections.split(",")
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    results["peak_tflops"] = peaks = {k: round(matmul_peak(v), 1) for k, v in DTYPES.items()}
+    log(peaks)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if "forward" in sections:
+            results["forward"] = forward_section(work, peaks, [32, 64, 128, 256, 512])
+        else:
+            make_checkpoint("small", work)
+            make_checkpoint("large", work)
+        if "compile" in sections:
+            results["compile"] = compile_section(work, peaks, 256)
+        if "embed" in sections:
+            results["embed"] = embed_section(work, args.images, args.count, 256, args.workers)
+        (args.out / "gpu.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
