@@ -156,7 +156,9 @@ def compile_section(work: Path, peaks: dict[str, float], batch: int) -> list[dic
     return rows
 
 
-def embed_section(work: Path, images: Path, count: int, batch: int, workers: int) -> list[dict]:
+def embed_section(
+    work: Path, images: Path, count: int, batch: int, workers: int, decodes: list[str]
+) -> list[dict]:
     import dinoreg
 
     folder = work / "jpegs"
@@ -167,7 +169,7 @@ def embed_section(work: Path, images: Path, count: int, batch: int, workers: int
     rows = []
     for size in ("small", "large"):
         ckpt = work / size
-        for exact in (False, True):
+        for exact in [d == "exact" for d in decodes]:
             out = work / f"{size}-{exact}.h5"
             s = dinoreg.embed(
                 folder,
@@ -197,6 +199,36 @@ def embed_section(work: Path, images: Path, count: int, batch: int, workers: int
     return rows
 
 
+def aspect_section(work: Path, images: Path) -> dict:
+    """--keep-aspect on the GPU: mixed grids, bf16, pinned memory; rows checked for sanity."""
+    import numpy as np
+
+    import dinoreg
+
+    out = work / "aspect.h5"
+    s = dinoreg.embed(
+        sorted(images.glob("*.jpg")),
+        out,
+        model=str(work / "small"),
+        device="cuda",
+        dtype="bfloat16",
+        keep_aspect=True,
+        image_size=448,
+        batch_size=8,
+        workers=8,
+    )
+    rows = list(dinoreg.read(out))
+    ok = all(np.isfinite(r.patches).all() and r.patches.shape[0] * 14 >= 448 for r in rows)
+    result = {
+        "rows": s.rows,
+        "grids": sorted({r.patches.shape[:2] for r in rows}),
+        "finite": ok,
+        "seconds": round(s.seconds, 1),
+    }
+    log(result)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -204,6 +236,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1024)
     parser.add_argument("--workers", type=int, default=15)
     parser.add_argument("--sections", default="forward,compile,embed")
+    parser.add_argument("--decodes", default="reduced,exact")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: nothing to measure")
@@ -222,7 +255,11 @@ def main() -> None:
         if "compile" in sections:
             results["compile"] = compile_section(work, peaks, 256)
         if "embed" in sections:
-            results["embed"] = embed_section(work, args.images, args.count, 256, args.workers)
+            results["embed"] = embed_section(
+                work, args.images, args.count, 256, args.workers, args.decodes.split(",")
+            )
+        if "aspect" in sections:
+            results["aspect"] = aspect_section(work, args.images)
         (args.out / "gpu.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 
