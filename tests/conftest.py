@@ -146,6 +146,22 @@ def timm_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+def reference_pixels(path: Path) -> torch.Tensor:
+    """(1, 3, 224, 224): the checkpoints' processor as transformers runs it (its PIL backend)."""
+    from PIL import Image
+    from transformers import BitImageProcessorPil
+
+    processor = BitImageProcessorPil(
+        size={"shortest_edge": 256},
+        resample=3,
+        crop_size={"height": 224, "width": 224},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    with Image.open(path) as image:
+        return processor(image, return_tensors="pt")["pixel_values"]
+
+
 def pixels(*size: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, *size, generator=g)

@@ -9,8 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import EXAMPLES, make_hf
-from PIL import Image
+from conftest import EXAMPLES, make_hf, reference_pixels
 from test_cli_embed import run_cli
 
 from dinoreg.classify import imagenet_labels
@@ -24,18 +23,9 @@ def classifier(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(classifier):
     """transformers: its PIL processor and its classifier, probabilities per example photo."""
-    from transformers import BitImageProcessorPil
-
-    processor = BitImageProcessorPil(
-        size={"shortest_edge": 256},
-        resample=3,
-        crop_size={"height": 224, "width": 224},
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    )
     probs = {}
     for path in sorted(EXAMPLES.glob("*.jpg")):
-        x = processor(Image.open(path), return_tensors="pt")["pixel_values"]
+        x = reference_pixels(path)
         with torch.no_grad():
             probs[str(path)] = classifier.hf(pixel_values=x).logits[0].softmax(-1)
     return probs

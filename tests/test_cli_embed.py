@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import EXAMPLES
+from conftest import EXAMPLES, reference_pixels
 from PIL import Image
 
 from dinoreg.cli import main
@@ -30,18 +30,9 @@ def run_cli(capsys, monkeypatch, *args: str, stdin: str = "") -> tuple[int, str,
 @pytest.fixture(scope="module")
 def reference(tiny_dir):
     """Features by transformers: its PIL image processor, then its model, on the examples."""
-    from transformers import BitImageProcessorPil
-
-    processor = BitImageProcessorPil(
-        size={"shortest_edge": 256},
-        resample=3,
-        crop_size={"height": 224, "width": 224},
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    )
     feats = {}
     for path in sorted(EXAMPLES.glob("*.jpg")):
-        x = processor(Image.open(path), return_tensors="pt")["pixel_values"]
+        x = reference_pixels(path)
         with torch.no_grad():
             feats[path.name] = tiny_dir.hf(pixel_values=x).last_hidden_state[0].numpy()
     return feats
