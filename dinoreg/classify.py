@@ -20,6 +20,7 @@ from dinoreg.pipeline import (
     choose_dtype,
     compile_model,
     run_batches,
+    set_precision,
 )
 
 
@@ -106,7 +107,8 @@ def classify(
     paths = discover(as_input_list(inputs), stdin=stdin)
     device = choose_device(compute.device)
     dtype = choose_dtype(compute.dtype, device)
-    net = compile_model(load_model(model, device=device, head=head), compute)
+    net = load_model(model, device=device, head=head)
+    net = compile_model(set_precision(net, device, dtype), compute)
     if net.head is None:
         raise WeightsError(
             f"Model {model} has no classification head; use an -imagenet1k model "

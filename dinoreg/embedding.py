@@ -37,6 +37,7 @@ from dinoreg.pipeline import (
     choose_dtype,
     compile_model,
     run_batches,
+    set_precision,
 )
 from dinoreg.writers import OutputSpec, Writer, check_output, infer_format
 
@@ -114,6 +115,7 @@ def embed(
     dtype: str = "auto",
     batch_size: int = 16,
     workers: int | None = None,
+    compile: bool = False,
     progress: Callable[[Progress], None] | None = None,
     stdin: TextIO | None = None,
 ) -> RunSummary:
@@ -125,14 +127,17 @@ def embed(
     are then stored ragged with a `grids` dataset, and rows come grouped by patch grid (in
     (grid, input index) order) rather than in input order. `layers` (block indices, negative
     from the end) stores those blocks' tokens as `layers/<block>/<token>` instead of the final
-    output, final-normed unless `final_norm=False`.
+    output, final-normed unless `final_norm=False`. `compile` runs the model through
+    torch.compile (a one-off cost per input shape; pays off on long GPU runs).
     """
     if overwrite and resume:
         raise UsageError("--overwrite and --resume contradict each other; pick one.")
     recipe = embed_recipe(
         image_size, crop=crop, exact_decode=exact_decode, keep_aspect=keep_aspect, max_size=max_size
     )
-    compute = ComputeOptions(device=device, dtype=dtype, batch_size=batch_size, workers=workers)
+    compute = ComputeOptions(
+        device=device, dtype=dtype, batch_size=batch_size, workers=workers, compile=compile
+    )
     output = OutputOptions(
         tokens=tuple(tokens),
         store_dtype=store_dtype,
@@ -188,7 +193,8 @@ def run_embed(
     paths = discover(as_input_list(inputs), stdin=stdin)
     device = choose_device(compute.device)
     dtype = choose_dtype(compute.dtype, device)
-    model = compile_model(load_model(model_name, device=device), compute)
+    model = load_model(model_name, device=device)
+    model = compile_model(set_precision(model, device, dtype), compute)
     if output.layers is not None:
         output = dataclasses.replace(output, layers=resolve_layers(output.layers, model.cfg.depth))
     datasets = dataset_specs(model.cfg.dim, model.cfg.num_registers, recipe.grid, output)
