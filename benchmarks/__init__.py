@@ -1,0 +1,1 @@
+"""Benchmarks of dinoreg next to the transformers reference: `python benchmarks/run.py`."""
