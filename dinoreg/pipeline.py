@@ -6,6 +6,7 @@ Shared by `embed` and `classify`. The library never prints: progress goes to a c
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import time
@@ -274,3 +275,25 @@ def _flush(
         outputs = compute(pixels)
     times.forward += time.perf_counter() - now
     yield BatchResult(good, outputs, failures)
+    _return_freed_memory()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Give the heap's free pages back to the OS after each batch.
+
+    Batches allocate and free the same large buffers from two threads (the loop and the writer);
+    glibc keeps the freed space in fragmented heaps, and the main process grew from 0.45 to
+    0.9-1.3 GB over 4000 images (measured; a different amount each run). Trimming after each
+    batch keeps it flat at 0.44-0.45 GB, at the cost of one cheap call per batch.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
