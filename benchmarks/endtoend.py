@@ -21,7 +21,7 @@ from benchmarks.common import Options, Section
 HERE = Path(__file__).resolve().parent
 BENCH_IMAGES = HERE.parent.parent / "shared" / "images" / "bench"
 EXAMPLES = HERE.parent / "examples" / "images"
-SIZES = {"small": (384, 12, 6), "base": (768, 12, 12)}  # (dim, depth, heads)
+SIZES = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}  # dim, depth, heads
 
 # What a user writes with transformers: its PIL processor, the model in a loop, h5py appends.
 HF_RECIPE = r"""

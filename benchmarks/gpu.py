@@ -19,7 +19,11 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-SIZES = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))  # run as a script: this checkout's dinoreg and helpers
+
+from benchmarks.endtoend import SIZES, make_checkpoint  # noqa: E402
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -45,24 +49,6 @@ def flops_per_image(dim: int, depth: int, tokens: int = 261, patches: int = 256)
     """Multiply-adds x 2 of one 224x224 forward: projections, attention, MLP, patch embedding."""
     per_block = 24 * tokens * dim**2 + 4 * tokens**2 * dim
     return depth * per_block + 2 * patches * 3 * 14 * 14 * dim
-
-
-def make_checkpoint(size: str, folder: Path) -> Path:
-    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-
-    dim, depth, heads = SIZES[size]
-    cfg = Dinov2WithRegistersConfig(
-        hidden_size=dim,
-        num_hidden_layers=depth,
-        num_attention_heads=heads,
-        image_size=518,
-        patch_size=14,
-        num_register_tokens=4,
-    )
-    torch.manual_seed(0)
-    path = folder / size
-    Dinov2WithRegistersModel(cfg).save_pretrained(path)
-    return path
 
 
 def throughput(fn, x: torch.Tensor, seconds: float = 3.0) -> float:
