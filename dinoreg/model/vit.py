@@ -172,7 +172,7 @@ class RegistersViT(nn.Module):
         tokens = 1 + cfg.num_registers + h * w
         hidden = 2 * cfg.ffn_hidden if cfg.ffn == "swiglu" else cfg.ffn_hidden
         width = max(3 * cfg.dim, hidden)
-        itemsize = self.pos_embed.element_size()
+        itemsize = self.patch_embed.proj.weight.element_size()  # (pos_embed may stay fp32)
         return max(1, _CPU_PASS_BYTES // (tokens * width * itemsize))
 
     def _run_blocks(
