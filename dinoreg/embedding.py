@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-import numpy as np
-
 from dinoreg.embed_layout import (
     TOKENS,
     Mode,
@@ -236,7 +234,7 @@ def _loop(forward, todo, recipe, compute, device, writer, summary, times, progre
         lock = (writer.lock_fd,)  # decode workers must not keep the output locked
         for result in run_batches(todo, recipe, compute, forward, device, times, lock):
             tick = time.perf_counter()
-            arrays = result.outputs if result.outputs is not None else _empty(writer)
+            arrays = result.outputs if result.outputs is not None else {}  # failures only
             background.submit(result.paths, arrays, result.failures)
             times.write += time.perf_counter() - tick
             summary.rows += len(result.paths)
@@ -244,10 +242,6 @@ def _loop(forward, todo, recipe, compute, device, writer, summary, times, progre
             done += len(result.paths) + len(result.failures)
             if progress is not None:
                 progress(Progress(done, len(todo), summary.rows, result.failures))
-
-
-def _empty(writer: Writer) -> dict[str, np.ndarray]:
-    return {d.name: np.zeros((0, *d.row_shape), np.float32) for d in writer.spec.datasets}
 
 
 class BackgroundWriter:

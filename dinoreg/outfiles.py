@@ -234,12 +234,7 @@ def write_json_atomic(directory: Path, name: str, doc: Mapping[str, Any]) -> Non
     """Replace `directory/name` so a reader (or a crash) sees the old or new file, never half."""
     data = (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
     tmp = directory / (name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        pwrite_all(fd, memoryview(data), 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_new(tmp, data)
     os.replace(tmp, directory / name)
     fsync_dir(directory)
 
