@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_model": ("dinoreg.model.weights", "load_model"),
-    "embed": ("dinoreg.embedding", "embed"),
-    "read": ("dinoreg.reader", "read"),
-    "inspect_output": ("dinoreg.reader", "inspect_output"),
+    "embed": ("dinoreg.embedding.run", "embed"),
+    "read": ("dinoreg.output.reader", "read"),
+    "inspect_output": ("dinoreg.output.reader", "inspect_output"),
     "RegistersViT": ("dinoreg.model.vit", "RegistersViT"),
     "TokenOutput": ("dinoreg.model.vit", "TokenOutput"),
     "ViTConfig": ("dinoreg.model.config", "ViTConfig"),
@@ -34,12 +34,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from dinoreg.embedding import embed
+    from dinoreg.embedding.run import embed
     from dinoreg.errors import DinoregError
     from dinoreg.model.config import ViTConfig
     from dinoreg.model.vit import RegistersViT, TokenOutput
     from dinoreg.model.weights import load_model
-    from dinoreg.reader import inspect_output, read
+    from dinoreg.output.reader import inspect_output, read
 
 
 def __getattr__(name: str) -> Any:

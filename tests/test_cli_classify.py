@@ -12,7 +12,7 @@ import torch
 from conftest import EXAMPLES, make_hf, reference_pixels
 from test_cli_embed import run_cli
 
-from dinoreg.classify import imagenet_labels
+from dinoreg.classification import imagenet_labels
 
 
 @pytest.fixture(scope="module")

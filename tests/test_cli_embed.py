@@ -15,7 +15,7 @@ from conftest import EXAMPLES, reference_pixels
 from PIL import Image
 
 from dinoreg.cli import main
-from dinoreg.reader import read
+from dinoreg.output.reader import read
 
 
 def run_cli(capsys, monkeypatch, *args: str, stdin: str = "") -> tuple[int, str, str]:
@@ -217,8 +217,8 @@ def test_resume_refuses_a_different_recipe(capsys, monkeypatch, tmp_path, tiny_d
     stage = tmp_path / "r.h5.partial"
     out = tmp_path / "r.h5"
     # an interrupted run: a staging directory with a journal
-    from dinoreg.embedding import OutputOptions, dataset_specs
-    from dinoreg.writers import OutputSpec, Writer
+    from dinoreg.embedding.rows import OutputOptions, dataset_specs
+    from dinoreg.output.writer import OutputSpec, Writer
 
     spec = OutputSpec(out, "h5", dataset_specs(32, 4, (16, 16), OutputOptions()))
     meta = {
@@ -266,7 +266,7 @@ def test_python_api_returns_the_summary(tmp_path, tiny_dir):
 def test_workers_share_a_batch_and_batches_stay_whole(tmp_path, tiny_dir):
     """Two workers each decode half of a batch; the loop puts the halves back together."""
     import dinoreg
-    from dinoreg.pipeline import chunk_size
+    from dinoreg.batches import chunk_size
 
     assert chunk_size(4, 2) == 2 and chunk_size(256, 15) == 18 and chunk_size(16, 1) == 16
     events = []

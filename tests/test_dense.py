@@ -16,12 +16,12 @@ from PIL import Image, ImageOps
 from test_cli_embed import run_cli
 
 import dinoreg
-from dinoreg.buckets import header_size, plan, plan_sizes, read_sizes
-from dinoreg.embedding import Interrupted, embed_recipe
+from dinoreg.embedding.run import Interrupted, embed_recipe
 from dinoreg.errors import OutputError, UsageError
-from dinoreg.images import load_image
-from dinoreg.preprocess import Recipe, aspect_size, preprocess
-from dinoreg.reader import inspect_output
+from dinoreg.inputs.buckets import header_size, plan, plan_sizes, read_sizes
+from dinoreg.inputs.decode import load_image
+from dinoreg.inputs.recipe import Recipe, aspect_size, preprocess
+from dinoreg.output.reader import inspect_output
 
 TOL = 1e-5
 RECIPE = Recipe.for_size(224, keep_aspect=True)  # max side 448

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dinoreg.discovery import IMAGE_SUFFIXES, discover
 from dinoreg.errors import InputError
+from dinoreg.inputs.discover import IMAGE_SUFFIXES, discover
 
 
 def touch_image(path: Path) -> Path:

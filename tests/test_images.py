@@ -13,15 +13,9 @@ import torch
 from PIL import Image
 
 from dinoreg.errors import InputError
-from dinoreg.images import (
-    Batch,
-    ImageDataset,
-    ImageDecodeError,
-    Recipe,
-    Sample,
-    collate,
-    load_image,
-)
+from dinoreg.inputs.dataset import Batch, ImageDataset, Sample, collate
+from dinoreg.inputs.decode import ImageDecodeError, load_image
+from dinoreg.inputs.recipe import Recipe
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "images"
 
@@ -35,16 +29,6 @@ def jpeg_bytes(image: Image.Image, **kwargs) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "JPEG", **kwargs)
     return buf.getvalue()
-
-
-def test_one_import_serves_callers() -> None:
-    import dinoreg.discovery
-    import dinoreg.images
-    import dinoreg.preprocess
-
-    assert dinoreg.images.discover is dinoreg.discovery.discover
-    assert dinoreg.images.IMAGE_SUFFIXES is dinoreg.discovery.IMAGE_SUFFIXES
-    assert dinoreg.images.preprocess is dinoreg.preprocess.preprocess
 
 
 # ----------------------------------------------------------------- decoding
@@ -130,7 +114,7 @@ def test_reduced_size_decode_stays_close_to_exact(tmp_path: Path) -> None:
         big = photo.resize((1536, 1536), Image.Resampling.BICUBIC)
     path = tmp_path / "astronaut-big.jpg"
     path.write_bytes(jpeg_bytes(big, quality=95))
-    from dinoreg.images import preprocess
+    from dinoreg.inputs.recipe import preprocess
 
     draft = preprocess(load_image(str(path), Recipe()), Recipe())
     exact = preprocess(load_image(str(path), Recipe(exact_decode=True)), Recipe())

@@ -24,9 +24,9 @@ N_IMAGES = 24
 # chosen moment. The kill itself comes from outside, as SIGKILL.
 CHILD = """
 import os, sys, time
-import dinoreg.staging as staging
+import dinoreg.output.store as store
 delay = float(os.environ.get("SLOW_COMMIT", "0.03"))
-staging.crash_hook = lambda point: time.sleep(delay) if point in ("append", "commit") else None
+store.crash_hook = lambda point: time.sleep(delay) if point in ("append", "commit") else None
 from dinoreg.cli import main
 main(sys.argv[1:])
 """

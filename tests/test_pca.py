@@ -7,7 +7,7 @@ import pytest
 
 import dinoreg
 from dinoreg.errors import InputError, UsageError
-from dinoreg.pca import PCA, PCAAccumulator, fit_patches, otsu
+from dinoreg.viz.pca import PCA, PCAAccumulator, fit_patches, otsu
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 from conftest import EXAMPLES
 
 import dinoreg
-from dinoreg.pipeline import set_precision
+from dinoreg.runtime import set_precision
 
 
 def _patches(path):

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from dinoreg.errors import UsageError
-from dinoreg.images import load_image
-from dinoreg.preprocess import IMAGENET_MEAN, IMAGENET_STD, Recipe, preprocess, to_rgb
+from dinoreg.inputs.decode import load_image
+from dinoreg.inputs.recipe import IMAGENET_MEAN, IMAGENET_STD, Recipe, preprocess, to_rgb
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples" / "images").glob("*.jpg"))
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from dinoreg.errors import OutputError
-from dinoreg.reader import inspect_output, read
-from dinoreg.writers import DatasetSpec, OutputSpec, Writer
+from dinoreg.output.layout import DatasetSpec
+from dinoreg.output.reader import inspect_output, read
+from dinoreg.output.writer import OutputSpec, Writer
 
 D = 4
 GRID_SPECS = (
@@ -74,7 +75,7 @@ def test_unfinished_output_is_read_up_to_its_journal(tmp_path: Path, fmt: str) -
 
 
 def test_ragged_patches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("dinoreg.reader._BLOCK_BYTES", 64)  # many small blocks
+    monkeypatch.setattr("dinoreg.output.reader._BLOCK_BYTES", 64)  # many small blocks
     specs = (
         DatasetSpec("patches", (D,), "float32", ragged=True),
         DatasetSpec("grids", (2,), "int32"),

@@ -12,17 +12,11 @@ from conftest import EXAMPLES, make_hf
 from PIL import Image
 
 import dinoreg
-from dinoreg import visualize as viz
 from dinoreg.errors import OutputError, UsageError
-from dinoreg.show import (
-    ShowOptions,
-    _run,
-    aspect_size,
-    output_names,
-    show,
-    to_pixels,
-    unique_stems,
-)
+from dinoreg.inputs.recipe import aspect_size
+from dinoreg.runtime import PreparedModel
+from dinoreg.viz import draw
+from dinoreg.viz.show import ShowOptions, _run, output_names, show, to_pixels, unique_stems
 
 # One landscape, one portrait (512 x 600); both are small, so a run takes about a second.
 PHOTOS = [str(EXAMPLES / "chelsea.jpg"), str(EXAMPLES / "grace_hopper.jpg")]
@@ -30,7 +24,11 @@ PHOTOS = [str(EXAMPLES / "chelsea.jpg"), str(EXAMPLES / "grace_hopper.jpg")]
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
-    return dinoreg.load_model(str(tiny_dir.path))
+    return prepared(dinoreg.load_model(str(tiny_dir.path)))
+
+
+def prepared(model) -> PreparedModel:
+    return PreparedModel(model, torch.device("cpu"), torch.float32)
 
 
 def pngs(folder: Path) -> dict[str, bytes]:
@@ -45,15 +43,15 @@ def srgb_lightness(table: np.ndarray) -> np.ndarray:
     return np.where(y > 216 / 24389, 116 * np.cbrt(y) - 16, y * 24389 / 27)
 
 
-@pytest.mark.parametrize("name", viz.COLORMAPS)
+@pytest.mark.parametrize("name", draw.COLORMAPS)
 def test_colour_maps_are_tables_monotonic_in_lightness(name):
-    table = viz.colormap(name)
+    table = draw.colormap(name)
     assert table.shape == (256, 3) and table.dtype == np.uint8
     lightness = srgb_lightness(table)
     assert np.all(np.diff(lightness) >= 0)
     assert lightness[-1] - lightness[0] > 70
     with pytest.raises(UsageError, match="viridis"):
-        viz.colormap("jet")
+        draw.colormap("jet")
 
 
 @pytest.mark.parametrize(
@@ -79,10 +77,11 @@ def test_stems_are_unique():
 def test_single_pass_equals_the_public_methods(tiny_model):
     x = torch.randn(1, 3, 42, 70, generator=torch.Generator().manual_seed(0))
     maps = _run(tiny_model, x)
+    model = tiny_model.model
     with torch.no_grad():
-        final = tiny_model.forward_features(x).patches[0].numpy()
-        raw = tiny_model.intermediate_layers(x, [-1], norm=False)[0].patches[0].numpy()
-        attn = tiny_model.attention_maps(x, [-1])[0][0, :, 0].numpy()
+        final = model.forward_features(x).patches[0].numpy()
+        raw = model.intermediate_layers(x, [-1], norm=False)[0].patches[0].numpy()
+        attn = model.attention_maps(x, [-1])[0][0, :, 0].numpy()
     np.testing.assert_allclose(maps.patches, final, atol=1e-6)
     np.testing.assert_allclose(maps.raw, raw, atol=1e-6)
     np.testing.assert_allclose(maps.cls_attention, attn, atol=1e-6)
@@ -99,7 +98,7 @@ def test_show_writes_every_picture_at_the_image_size(tiny_model, tmp_path):
 
     assert [r.stem for r in result.images] == ["chelsea", "grace_hopper", "chelsea-2"]
     assert result.failed == ((str(broken), result.failed[0][1]),)
-    heads = tiny_model.cfg.heads
+    heads = tiny_model.model.cfg.heads
     expected = [n for r in result.images for n in output_names(r.stem, heads)]
     assert [f.name for f in result.files] == expected
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(expected)
@@ -108,7 +107,7 @@ def test_show_writes_every_picture_at_the_image_size(tiny_model, tmp_path):
         with Image.open(report.path) as original:
             size = aspect_size(*original.size, 448, 896)
         assert report.size == size and report.grid == (size[1] // 14, size[0] // 14)
-        _, _, sheet_size = viz.sheet_layout(4 + heads, size)
+        _, _, sheet_size = draw.sheet_layout(4 + heads, size)
         for f in report.files:
             with Image.open(f) as im:
                 assert im.mode == "RGB"
@@ -129,7 +128,7 @@ def test_show_is_deterministic_and_never_overwrites(tiny_model, tmp_path):
     show(tiny_model, PHOTOS, tmp_path / "a", options)
     show(tiny_model, PHOTOS, tmp_path / "b", options)
     first = pngs(tmp_path / "a")
-    assert first == pngs(tmp_path / "b") and len(first) == 2 * (4 + tiny_model.cfg.heads)
+    assert first == pngs(tmp_path / "b") and len(first) == 2 * (4 + tiny_model.model.cfg.heads)
     with pytest.raises(OutputError, match="--overwrite"):
         show(tiny_model, PHOTOS, tmp_path / "a", options)
     show(tiny_model, PHOTOS[:1], tmp_path / "a", ShowOptions(size=224, overwrite=True))
@@ -154,8 +153,8 @@ def test_fit_pca_then_apply_gives_the_same_colours(tiny_model, tmp_path):
 def test_refuses_a_pca_of_another_model(tiny_model, tmp_path):
     saved = tmp_path / "shared.npz"
     show(tiny_model, PHOTOS[:1], tmp_path / "fit", ShowOptions(size=112, fit_pca=saved))
-    other_seed = dinoreg.load_model(str(make_hf(tmp_path, seed=5).path))
-    other_dim = dinoreg.load_model(str(make_hf(tmp_path, dim=48).path))
+    other_seed = prepared(dinoreg.load_model(str(make_hf(tmp_path, seed=5).path)))
+    other_dim = prepared(dinoreg.load_model(str(make_hf(tmp_path, dim=48).path)))
     for other, message in [(other_seed, "weights"), (other_dim, "32-dim")]:
         with pytest.raises(UsageError, match=message):
             show(other, PHOTOS[:1], tmp_path / "x", ShowOptions(size=112, pca=saved))
@@ -176,7 +175,7 @@ def test_pixels_and_overlays_line_up():
     # A map that is 1 on one patch must light exactly that patch's 14 x 14 pixels.
     grid = np.zeros((3, 5))
     grid[1, 3] = 1.0
-    up = viz.upsample(grid, (70, 42))
+    up = draw.upsample(grid, (70, 42))
     assert up.shape == (42, 70)
     assert np.array_equal(np.argwhere(up == 1.0)[[0, -1]], [[14, 42], [27, 55]])
     image = Image.new("RGB", (70, 42), (255, 0, 0))

@@ -15,16 +15,11 @@ import h5py
 import numpy as np
 import pytest
 
-from dinoreg import h5out, outfiles, staging
 from dinoreg.errors import OutputError
-from dinoreg.reader import inspect_output, read
-from dinoreg.writers import (
-    DatasetSpec,
-    OutputSpec,
-    Writer,
-    check_output,
-    infer_format,
-)
+from dinoreg.output import hdf5, layout, store
+from dinoreg.output.layout import DatasetSpec
+from dinoreg.output.reader import inspect_output, read
+from dinoreg.output.writer import OutputSpec, Writer, check_output, infer_format
 
 REPO = Path(__file__).resolve().parent.parent
 D = 8
@@ -226,8 +221,8 @@ def test_h5_layout(tmp_path: Path) -> None:
 
 def test_h5_chunks_and_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Small blocks force the streaming copy and the reader through many block boundaries.
-    monkeypatch.setattr(h5out, "BLOCK_BYTES", 3 * 1024)
-    monkeypatch.setattr("dinoreg.reader._BLOCK_BYTES", 700)
+    monkeypatch.setattr(hdf5, "BLOCK_BYTES", 3 * 1024)
+    monkeypatch.setattr("dinoreg.output.reader._BLOCK_BYTES", 700)
     specs = (DatasetSpec("cls", (64,), "float32"), DatasetSpec("patches", (512, 640), "float32"))
     out = tmp_path / "big.h5"
     rng = np.random.default_rng(0)
@@ -430,7 +425,7 @@ def test_a_failed_write_loses_only_its_batch(
     tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = out_path(tmp_path, fmt)
-    real = staging.pwrite_all
+    real = store.pwrite_all
     calls = Counter[str]()
 
     def flaky(fd: int, data: memoryview, offset: int) -> None:
@@ -439,7 +434,7 @@ def test_a_failed_write_loses_only_its_batch(
             raise OSError(28, "No space left on device")
         real(fd, data, offset)
 
-    monkeypatch.setattr(staging, "pwrite_all", flaky)
+    monkeypatch.setattr(store, "pwrite_all", flaky)
     all_batches = list(batches(PATHS))
     with Writer.open(spec_for(out, fmt), META, "new") as w:
         w.write_batch(*all_batches[0])
@@ -463,7 +458,7 @@ def test_staging_headers_are_valid_npy(tmp_path: Path) -> None:
         with open(out / "registers.npy", "rb") as fh:
             assert len(fh.read(512).split(b"\n")[0]) + 1 == 256
         assert json.loads((out / "journal.json").read_text())["rows"] == 3
-    assert outfiles.header_length("<f4", (37, 37, 1536)) % 64 == 0
+    assert layout.header_length("<f4", (37, 37, 1536)) % 64 == 0
 
 
 def test_damaged_journal_is_reported(tmp_path: Path) -> None:
@@ -504,7 +499,7 @@ def child_main(args: list[str]) -> None:
         if name == point and seen[name] == nth:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    staging.crash_hook = hook
+    store.crash_hook = hook
     w = Writer.open(spec_for(out, fmt), META, "new")
     for batch in batches(PATHS):
         w.write_batch(*batch)

@@ -21,9 +21,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from dinoreg import outfiles, staging
-from dinoreg.outfiles import OFFSETS_DTYPE, STORE_DTYPES
-from dinoreg.staging import StagingStore
+from dinoreg._fs import fsync_dir
+from dinoreg.output import layout
+from dinoreg.output.layout import OFFSETS_DTYPE, STORE_DTYPES
+from dinoreg.output.store import StagingStore, crash_point
 
 JSON_ATTRS = "json_attrs"
 # ~1 MiB chunks serve both one-row reads and scans; a row bigger than that is a chunk of its own.
@@ -76,13 +77,13 @@ def convert_to_h5(store: StagingStore, dest: Path, meta: Mapping[str, Any]) -> N
                 _copy(store, f, spec.name, STORE_DTYPES[spec.dtype], spec.row_shape, count)
                 if spec.ragged:
                     _copy(store, f, spec.offsets_name, OFFSETS_DTYPE, (), j.rows + 1)
-                staging.crash_point("h5")
-            paths = outfiles.iter_paths(store.directory, j.lengths[outfiles.PATHS])
+                crash_point("h5")
+            paths = layout.iter_paths(store.directory, j.lengths[layout.PATHS])
             _write_strings(f.create_dataset("paths", (j.rows,), dtype=_STR), paths)
             group = f.create_group("failed")
             failed_paths = group.create_dataset("paths", (j.failures,), dtype=_STR)
             reasons = group.create_dataset("reasons", (j.failures,), dtype=_STR)
-            failures = outfiles.iter_failures(store.directory, j.lengths[outfiles.FAILED])
+            failures = layout.iter_failures(store.directory, j.lengths[layout.FAILED])
             start = 0
             while block := list(islice(failures, _STRING_BLOCK)):
                 failed_paths[start : start + len(block)] = _encode([p for p, _ in block])
@@ -95,7 +96,7 @@ def convert_to_h5(store: StagingStore, dest: Path, meta: Mapping[str, Any]) -> N
         finally:
             os.close(fd)
         os.replace(tmp, dest)
-        outfiles.fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -20,9 +20,11 @@ from typing import Any
 import h5py
 import numpy as np
 
-from dinoreg import outfiles, staging
+from dinoreg._fs import read_json
 from dinoreg.errors import OutputError
-from dinoreg.h5out import decode_attrs
+from dinoreg.output import layout
+from dinoreg.output.hdf5 import decode_attrs
+from dinoreg.output.store import Journal
 
 __all__ = ["OutputInfo", "Row", "inspect_output", "read"]
 
@@ -77,17 +79,17 @@ class _DirSource(_Source):
         self.path, self.format, self.directory = directory, fmt, directory
         self._arrays: dict[str, tuple[int, int, str, tuple[int, ...]]] = {}
         self.shapes = {}
-        self.meta = outfiles.read_json(directory / outfiles.META)
-        self._limits: dict[str, int | None] = {outfiles.PATHS: None, outfiles.FAILED: None}
+        self.meta = read_json(directory / layout.META)
+        self._limits: dict[str, int | None] = {layout.PATHS: None, layout.FAILED: None}
         self._path_iter: Iterator[str] | None = None
         self._path_next = 0
-        if (directory / outfiles.JOURNAL).exists():
-            journal = staging.Journal.load(directory)
+        if (directory / layout.JOURNAL).exists():
+            journal = Journal.load(directory)
             self.complete, self.rows = False, journal.rows
             self._limits = {f: journal.lengths[f] for f in self._limits}
             for file, descr, row_shape, count in journal.layout():
                 fd = self._open(directory / file, stack)
-                self._add(file, fd, outfiles.read_header_length(fd), descr, (count, *row_shape))
+                self._add(file, fd, layout.read_header_length(fd), descr, (count, *row_shape))
         elif self.meta.get("complete") is True:
             self.complete = True
             for file in sorted(os.listdir(directory)):
@@ -106,7 +108,7 @@ class _DirSource(_Source):
                 return shape[0] - 1
             if f"{name}_offsets" not in self.shapes:
                 return shape[0]
-        return sum(1 for _ in outfiles.iter_lines(self.directory / outfiles.PATHS))
+        return sum(1 for _ in layout.iter_lines(self.directory / layout.PATHS))
 
     @staticmethod
     def _open(path: Path, stack: ExitStack) -> int:
@@ -119,7 +121,7 @@ class _DirSource(_Source):
         return fd
 
     def _add(self, file: str, fd: int, offset: int, descr: str, shape: tuple[int, ...]) -> None:
-        name = outfiles.dataset_name(file)
+        name = layout.dataset_name(file)
         self._arrays[name] = (fd, offset, descr, shape[1:])
         self.shapes[name] = (shape, np.dtype(descr).name)
 
@@ -141,23 +143,23 @@ class _DirSource(_Source):
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         fd, offset, descr, row_shape = self._arrays[name]
-        return outfiles.read_rows(fd, offset, descr, row_shape, start, stop)
+        return layout.read_rows(fd, offset, descr, row_shape, start, stop)
 
     def paths(self, start: int, stop: int) -> list[str]:
         # Called with consecutive ranges, so keep one iterator rather than rescanning the file.
         if self._path_iter is None or start != self._path_next:
-            it = outfiles.iter_paths(self.directory, self._limits[outfiles.PATHS])
+            it = layout.iter_paths(self.directory, self._limits[layout.PATHS])
             self._path_iter, self._path_next = it, 0
             for _ in islice(it, start):
                 pass
         out = list(islice(self._path_iter, stop - start))
         if len(out) != stop - start:
-            raise OutputError(f"{self.directory / outfiles.PATHS} has fewer lines than rows.")
+            raise OutputError(f"{self.directory / layout.PATHS} has fewer lines than rows.")
         self._path_next = stop
         return out
 
     def failures(self) -> list[tuple[str, str]]:
-        return list(outfiles.iter_failures(self.directory, self._limits[outfiles.FAILED]))
+        return list(layout.iter_failures(self.directory, self._limits[layout.FAILED]))
 
 
 class _H5Source(_Source):
@@ -201,13 +203,13 @@ class _H5Source(_Source):
 def _open_source(path: Path, stack: ExitStack) -> _Source:
     path = Path(path)
     if path.is_dir():
-        if (path / outfiles.JOURNAL).exists() or (path / outfiles.META).exists():
+        if (path / layout.JOURNAL).exists() or (path / layout.META).exists():
             return _DirSource(path, "npy", stack)
         raise OutputError(f"{path} is a directory but not a dinoreg output.")
     if path.exists():
         return _H5Source(path, stack)
     stage = path.with_name(path.name + ".partial")
-    if (stage / outfiles.META).exists():
+    if (stage / layout.META).exists():
         source = _DirSource(stage, "h5", stack)
         source.path = path
         return source

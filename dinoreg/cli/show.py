@@ -39,11 +39,10 @@ def show(
     quiet: QuietOpt = False,
 ) -> None:
     """PNGs per image: PCA of patch features, CLS attention per head, token norms, a sheet."""
-    from dinoreg.images import discover
-    from dinoreg.model.weights import load_model
-    from dinoreg.pipeline import choose_device
-    from dinoreg.show import ShowOptions
-    from dinoreg.show import show as draw
+    from dinoreg.inputs.discover import discover
+    from dinoreg.runtime import ComputeOptions, prepare_model
+    from dinoreg.viz.show import ShowOptions
+    from dinoreg.viz.show import show as draw
 
     options = ShowOptions(
         size=size,
@@ -55,7 +54,7 @@ def show(
         overwrite=overwrite,
     )
     paths = discover(inputs, stdin=sys.stdin)
-    net = load_model(model, device=choose_device(device))
+    net = prepare_model(model, ComputeOptions(device=device))
 
     def progress(stage: str, done: int, total: int) -> None:
         if not quiet and sys.stderr.isatty():

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from dinoreg.images import open_formats
-from dinoreg.preprocess import PATCH_SIZE, Recipe
+from dinoreg.inputs.decode import open_formats
+from dinoreg.inputs.recipe import PATCH_SIZE, Recipe
 
 ORIENTATION = 0x0112  # EXIF tag
 QUARTER_TURNS = frozenset({5, 6, 7, 8})  # orientations that transpose the stored image

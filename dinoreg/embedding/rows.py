@@ -22,9 +22,9 @@ import torch
 
 from dinoreg import __version__
 from dinoreg.errors import UsageError
-from dinoreg.images import Recipe
-from dinoreg.pipeline import autocast
-from dinoreg.writers import DatasetSpec
+from dinoreg.inputs.recipe import Recipe
+from dinoreg.output.layout import DatasetSpec
+from dinoreg.runtime import PreparedModel
 
 TOKENS = ("cls", "registers", "patches")
 GRIDS = "grids"
@@ -101,7 +101,9 @@ def dataset_specs(
     return tuple(specs)
 
 
-def provenance(model, recipe: Recipe, dtype: torch.dtype, output: OutputOptions, device) -> dict:
+def provenance(prepared: PreparedModel, recipe: Recipe, output: OutputOptions) -> dict:
+    """What an output records about how its rows were made (checked again on resume)."""
+    model = prepared.model
     info = model.info
     return {
         "dinoreg_version": __version__,
@@ -115,27 +117,28 @@ def provenance(model, recipe: Recipe, dtype: torch.dtype, output: OutputOptions,
         "keep_aspect": recipe.keep_aspect,
         "grid": list(recipe.grid) if recipe.grid is not None else None,
         "recipe": recipe.to_dict(),
-        "compute_dtype": str(dtype).removeprefix("torch."),
+        "compute_dtype": str(prepared.dtype).removeprefix("torch."),
         "store_dtype": output.store_dtype,
         "tokens": list(output.tokens),
         "layers": list(output.layers) if output.layers is not None else None,
         "final_norm": output.final_norm,
-        "device": device.type,
+        "device": prepared.device.type,
     }
 
 
 def make_forward(
-    model, output: OutputOptions, keep_aspect: bool, device: torch.device, dtype: torch.dtype
+    prepared: PreparedModel, output: OutputOptions, keep_aspect: bool
 ) -> Callable[[torch.Tensor], dict[str, Any]]:
     """pixels (B, 3, H, W) on the device -> {dataset name: rows on the CPU} for `write_batch`."""
+    model = prepared.model
 
     def forward(pixels: torch.Tensor) -> dict[str, Any]:
-        with torch.inference_mode(), autocast(device, dtype):
+        with prepared.inference():
             if output.layers is None:
-                outs = [("", model.forward_features(pixels))]
+                outs = [("", model.features(pixels).tokens)]
             else:
-                blocks = model.intermediate_layers(pixels, output.layers, norm=output.final_norm)
-                outs = [(f"layers/{i}/", o) for i, o in zip(output.layers, blocks, strict=True)]
+                out = model.features(pixels, output.layers, norm=output.final_norm)
+                outs = [(f"layers/{i}/", out.layers[i]) for i in output.layers]
         arrays: dict[str, Any] = {}
         for prefix, out in outs:
             for t in output.tokens:

@@ -21,12 +21,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from dinoreg import outfiles, staging
+from dinoreg._fs import fsync_dir, read_json, write_json_atomic
 from dinoreg.errors import OutputError
-from dinoreg.h5out import convert_to_h5
-from dinoreg.outfiles import DatasetSpec
-from dinoreg.outmeta import RESUME_KEYS, now, prepare_meta, resume_differences
-from dinoreg.staging import StagingStore
+from dinoreg.output import layout
+from dinoreg.output.hdf5 import convert_to_h5
+from dinoreg.output.layout import DatasetSpec
+from dinoreg.output.lock import acquire_lock, probe_lock
+from dinoreg.output.meta import RESUME_KEYS, now, prepare_meta, resume_differences
+from dinoreg.output.store import Journal, StagingStore, crash_point
 
 __all__ = [
     "RESUME_KEYS",
@@ -44,7 +46,7 @@ Mode = Literal["new", "overwrite", "resume"]
 
 # What overwrite may delete from an npy directory; anything else in it is left alone.
 _OWN_SUFFIXES = (".npy", ".tmp")
-_OWN_FILES = (outfiles.PATHS, outfiles.FAILED, outfiles.META, outfiles.JOURNAL)
+_OWN_FILES = (layout.PATHS, layout.FAILED, layout.META, layout.JOURNAL)
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class OutputSpec:
         object.__setattr__(self, "datasets", tuple(self.datasets))
         if self.format not in ("h5", "npy"):
             raise ValueError(f"format must be 'h5' or 'npy', not {self.format!r}")
-        outfiles.validate_datasets(self.datasets)
+        layout.validate_datasets(self.datasets)
 
 
 def staging_dir(path: Path, fmt: Format) -> Path:
@@ -103,25 +105,25 @@ def output_state(path: Path, fmt: Format) -> State:
             raise OutputError(f"{path} is a directory; give an HDF5 file path like feats.h5.")
         if path.exists():
             return "complete"  # only ever created complete; a staging dir beside it is stale
-        if (stage / outfiles.JOURNAL).exists():
+        if (stage / layout.JOURNAL).exists():
             return "incomplete"
         # meta.json is the first file a run writes; without it the directory holds nothing of
         # value (at most the lock of a run that died at once).
-        return "aborted" if (stage / outfiles.META).exists() else "missing"
+        return "aborted" if (stage / layout.META).exists() else "missing"
     if path.exists() and not path.is_dir():
         raise OutputError(
             f"{path} is a file; a .npy output needs a directory, choose another --out."
         )
-    if (stage / outfiles.JOURNAL).exists():
+    if (stage / layout.JOURNAL).exists():
         return "incomplete"
-    meta = stage / outfiles.META
+    meta = stage / layout.META
     if meta.exists():
         try:
-            complete = outfiles.read_json(meta).get("complete") is True
+            complete = read_json(meta).get("complete") is True
         except OutputError:
             return "damaged"
         return "complete" if complete else "aborted"
-    if not path.exists() or not any(p.name != outfiles.LOCK for p in path.iterdir()):
+    if not path.exists() or not any(p.name != layout.LOCK for p in path.iterdir()):
         return "missing"
     raise OutputError(f"{path} is a directory that is not a dinoreg output; choose another --out.")
 
@@ -135,7 +137,7 @@ def check_output(
     else:
         path, fmt = Path(target), infer_format(target, format_flag)
     _check_state(path, mode, output_state(path, fmt))
-    staging.probe_lock(staging_dir(path, fmt), path)
+    probe_lock(staging_dir(path, fmt), path)
 
 
 def _check_state(path: Path, mode: Mode, state: State) -> None:
@@ -158,7 +160,7 @@ def _check_state(path: Path, mode: Mode, state: State) -> None:
 def _clear_stage(stage: Path, fmt: Format) -> None:
     """Delete an old run's files, keeping the lock we hold."""
     for entry in stage.iterdir():
-        if entry.name == outfiles.LOCK:
+        if entry.name == layout.LOCK:
             continue
         if fmt == "npy" and not (entry.name in _OWN_FILES or entry.suffix in _OWN_SUFFIXES):
             continue
@@ -202,9 +204,9 @@ class Writer:
         made_dir = not stage.exists()
         stage.mkdir(parents=True, exist_ok=True)
         if made_dir:
-            outfiles.fsync_dir(stage.parent)
-        made_lock = not (stage / outfiles.LOCK).exists()
-        lock_fd = staging.acquire_lock(stage, spec.path)
+            fsync_dir(stage.parent)
+        made_lock = not (stage / layout.LOCK).exists()
+        lock_fd = acquire_lock(stage, spec.path)
         try:
             # Re-check under the lock: another process may have finished or started meanwhile.
             state = output_state(spec.path, spec.format)
@@ -218,7 +220,7 @@ class Writer:
                 return cls._resume(spec, stage, lock_fd, doc)
             if spec.format == "h5" and spec.path.exists():
                 spec.path.unlink()  # overwrite: only now that we hold the lock
-                outfiles.fsync_dir(spec.path.parent)
+                fsync_dir(spec.path.parent)
             _clear_stage(stage, spec.format)
             doc = {**doc, "created": now(), "complete": False}
             store = StagingStore.create(stage, spec.format, spec.datasets, doc)
@@ -227,17 +229,17 @@ class Writer:
             if spec.format == "h5" and (made_dir or state == "complete"):
                 shutil.rmtree(stage, ignore_errors=True)
             elif made_lock:
-                (stage / outfiles.LOCK).unlink(missing_ok=True)
+                (stage / layout.LOCK).unlink(missing_ok=True)
             os.close(lock_fd)
             raise
 
     @classmethod
     def _resume(cls, spec: OutputSpec, stage: Path, lock_fd: int, doc: dict[str, Any]) -> Writer:
-        for name in (outfiles.JOURNAL, outfiles.META):
+        for name in (layout.JOURNAL, layout.META):
             (stage / (name + ".tmp")).unlink(missing_ok=True)  # killed mid-replace
-        store = StagingStore(stage, staging.Journal.load(stage))
+        store = StagingStore(stage, Journal.load(stage))
         try:
-            old = outfiles.read_json(stage / outfiles.META)
+            old = read_json(stage / layout.META)
             diffs = resume_differences(old, doc, store.journal.datasets, spec.datasets)
             if diffs:
                 raise OutputError(
@@ -245,10 +247,10 @@ class Writer:
                     "use the same options or pass --overwrite."
                 )
             doc = {**doc, "created": old.get("created", now()), "complete": False}
-            outfiles.write_json_atomic(stage, outfiles.META, doc)
+            write_json_atomic(stage, layout.META, doc)
             lengths = store.journal.lengths
-            committed = set(outfiles.iter_paths(stage, lengths[outfiles.PATHS]))
-            failed = outfiles.iter_failures(stage, lengths[outfiles.FAILED])
+            committed = set(layout.iter_paths(stage, lengths[layout.PATHS]))
+            failed = layout.iter_failures(stage, lengths[layout.FAILED])
             committed.update(path for path, _ in failed)
         except BaseException:
             store.close()
@@ -318,7 +320,7 @@ class Writer:
                 else:
                     self._store.truncate()
                     convert_to_h5(self._store, self.spec.path, doc)
-                    staging.crash_point("h5-replaced")
+                    crash_point("h5-replaced")
                     self._store.close()
                     # A leftover is harmless: the next open sees the complete .h5 and removes it.
                     shutil.rmtree(stage, ignore_errors=True)
@@ -333,7 +335,7 @@ class Writer:
             if finished and self.spec.format == "npy":
                 # The lock file has no job in a finished directory; we still hold it, so no other
                 # writer can be mid-run on it.
-                (stage / outfiles.LOCK).unlink(missing_ok=True)
+                (stage / layout.LOCK).unlink(missing_ok=True)
             os.close(self._lock_fd)
 
     def __enter__(self) -> Writer:

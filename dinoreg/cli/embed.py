@@ -128,9 +128,10 @@ def embed(
     # With --keep-aspect rows are grouped by patch grid (by grid, then input order), not in input
     # order; `paths` names each row's input. With --layers only the listed blocks are stored
     # (under layers/<block>/); the final output equals --layers -1.
-    from dinoreg.embedding import Interrupted, OutputOptions, embed_recipe, run_embed
+    from dinoreg.embedding.rows import OutputOptions
+    from dinoreg.embedding.run import Interrupted, embed_recipe, run_embed
     from dinoreg.errors import UsageError
-    from dinoreg.pipeline import ComputeOptions
+    from dinoreg.runtime import ComputeOptions
 
     if overwrite and resume:
         raise UsageError("--overwrite and --resume contradict each other; pick one.")
@@ -198,7 +199,7 @@ def info(
     json_out: JsonOpt = False,
 ) -> None:
     """What an output holds: datasets and shapes, model, recipe, complete or not, failures."""
-    from dinoreg.reader import inspect_output
+    from dinoreg.output.reader import inspect_output
 
     about = inspect_output(file)
     if json_out:

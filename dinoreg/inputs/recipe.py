@@ -249,6 +249,35 @@ def _normalise_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndar
     return table
 
 
+def resize(image: Image.Image, recipe: Recipe, size: tuple[int, int] | None = None) -> Image.Image:
+    """The RGB image the model sees, before normalisation: resized, and centre-cropped if the
+    recipe crops. `size` is a keep-aspect (W, H) to resize to (a bucketed batch's plan)."""
+    if size is not None and not recipe.keep_aspect:
+        raise ValueError("resize: size only applies to keep-aspect recipes")
+    image = to_rgb(image, recipe.background)
+    width, height = image.size
+    new_w, new_h = size if size is not None else resized_size(width, height, recipe)
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), INTERPOLATIONS[recipe.interpolation])
+    if recipe.crop:
+        out = recipe.image_size
+        # Floor of half the excess, as HF does (torchvision rounds instead: one pixel apart).
+        left, top = (new_w - out) // 2, (new_h - out) // 2
+        image = image.crop((left, top, left + out, top + out))
+    return image
+
+
+def normalise(image: Image.Image, recipe: Recipe) -> torch.Tensor:
+    """An RGB image as a normalised (3, H, W) float32 tensor (rescale 1/255, mean, std)."""
+    pixels = np.asarray(image)
+    table = _normalise_table(recipe.mean, recipe.std)
+    out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+    for channel in range(3):
+        # mode="clip" skips the bounds-check buffer; uint8 indices are always in range.
+        np.take(table[channel], pixels[:, :, channel], out=out[channel], mode="clip")
+    return torch.from_numpy(out)
+
+
 def preprocess(
     image: Image.Image, recipe: Recipe, size: tuple[int, int] | None = None
 ) -> torch.Tensor:
@@ -257,24 +286,4 @@ def preprocess(
     With `keep_aspect` the result is (3, H, W): `size` is the (W, H) to resize to (the planned
     size of a bucketed batch, so a batch always stacks); by default it follows the image's size.
     """
-    if size is not None and not recipe.keep_aspect:
-        raise ValueError("preprocess: size only applies to keep-aspect recipes")
-    image = to_rgb(image, recipe.background)
-    width, height = image.size
-    new_w, new_h = size if size is not None else resized_size(width, height, recipe)
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), INTERPOLATIONS[recipe.interpolation])
-    out_w = out_h = recipe.image_size
-    if recipe.crop:
-        # Floor of half the excess, as HF does (torchvision rounds instead: one pixel apart).
-        left, top = (new_w - out_w) // 2, (new_h - out_h) // 2
-        image = image.crop((left, top, left + out_w, top + out_h))
-    else:
-        out_w, out_h = new_w, new_h
-    pixels = np.asarray(image)
-    table = _normalise_table(recipe.mean, recipe.std)
-    out = np.empty((3, out_h, out_w), dtype=np.float32)
-    for channel in range(3):
-        # mode="clip" skips the bounds-check buffer; uint8 indices are always in range.
-        np.take(table[channel], pixels[:, :, channel], out=out[channel], mode="clip")
-    return torch.from_numpy(out)
+    return normalise(resize(image, recipe, size), recipe)

@@ -1,4 +1,4 @@
-"""Images through the model in batches: device and dtype choice, the DataLoader, the batch loop.
+"""Images through the model in batches: the DataLoader, exact batches, the batch loop.
 
 Shared by `embed` and `classify`. The library never prints: progress goes to a callback.
 """
@@ -16,77 +16,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils.data
 
-from dinoreg.buckets import BucketBatchSampler, Plan, plan
-from dinoreg.errors import UsageError
-from dinoreg.images import Batch, ImageDataset, Recipe, collate
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class ComputeOptions:
-    """Where and how the model runs, and how images are fed to it."""
-
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    batch_size: int = 16
-    workers: int | None = None  # None: chosen from the cores present
-    compile: bool = False  # torch.compile the model's entry points (worth it on long GPU runs)
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}.")
-        if self.workers is not None and self.workers < 0:
-            raise UsageError(f"--workers must be 0 or more, got {self.workers}.")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise UsageError(f"Unknown --dtype {self.dtype!r}; use auto, {', '.join(DTYPES)}.")
-
-
-def as_input_list(inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[str]:
-    """One input or many, as strings."""
-    if isinstance(inputs, (str, os.PathLike)):
-        return [os.fspath(inputs)]
-    return [os.fspath(i) for i in inputs]
-
-
-def choose_device(spec: str) -> torch.device:
-    """`auto` picks CUDA, then MPS, then CPU; an explicit device must exist."""
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise UsageError(
-            f"Unknown --device {spec!r}; use auto, cpu, cuda, cuda:N or mps."
-        ) from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(
-                "--device cuda was asked for but CUDA is not available; use --device cpu."
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(
-                f"--device {spec} does not exist: this machine has "
-                f"{torch.cuda.device_count()} CUDA device(s)."
-            )
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps was asked for but MPS is not available; use --device cpu.")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"Unsupported --device {spec!r}; use auto, cpu, cuda, cuda:N or mps.")
-    return device
-
-
-def choose_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on CUDA that supports it, else fp16 on CUDA, fp32 elsewhere."""
-    if spec == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return DTYPES[spec]
+from dinoreg.inputs.buckets import BucketBatchSampler, Plan, plan
+from dinoreg.inputs.dataset import Batch, ImageDataset, collate
+from dinoreg.inputs.recipe import Recipe
+from dinoreg.runtime import ComputeOptions
 
 
 def default_workers(device: torch.device) -> int:
@@ -96,50 +29,6 @@ def default_workers(device: torch.device) -> int:
     if device.type == "cpu":
         return max(1, cores // 4)
     return max(1, min(8, cores - 1))
-
-
-def compile_model(model: torch.nn.Module, options: ComputeOptions) -> torch.nn.Module:
-    """With `options.compile`, route the model's entry points through torch.compile.
-
-    The instance attributes shadow the methods, so callers keep calling `forward_features` etc.
-    Each new input shape (a keep-aspect grid, a last short batch) compiles once more.
-    """
-    if not options.compile:
-        return model
-    for name in ("forward_features", "intermediate_layers", "logits"):
-        setattr(model, name, torch.compile(getattr(model, name), dynamic=False))
-    return model
-
-
-def casts_weights(device: torch.device, dtype: torch.dtype) -> bool:
-    """bf16 on CPU runs on bf16 weights rather than autocast: oneDNN then fuses bias and GELU
-    into the matmuls and nothing is re-cast per batch (measured ~1.4x autocast's throughput,
-    CLS cosine to fp32 >= 0.9999). GPUs use autocast."""
-    return device.type == "cpu" and dtype == torch.bfloat16
-
-
-def set_precision(model: torch.nn.Module, device: torch.device, dtype: torch.dtype):
-    """Put the model in the form `autocast` expects for this device and dtype.
-
-    With bf16 weights the position table stays float32: it is resized in float32 and cast to
-    the token dtype only when added. LayerNorm and softmax compute in float32 inside their kernels.
-    """
-    if casts_weights(device, dtype):
-        pos = model.pos_embed.data
-        model.to(dtype)
-        model.pos_embed.data = pos
-    return model
-
-
-@contextlib.contextmanager
-def autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
-    """Mixed precision for reduced dtypes (where weights are not cast); the model keeps norms,
-    softmax and positions in float32."""
-    if dtype == torch.float32 or casts_weights(device, dtype):
-        yield
-        return
-    with torch.autocast(device.type, dtype=dtype):
-        yield
 
 
 def make_loader(

@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinoreg import visualize as viz
 from dinoreg.errors import InputError, OutputError, UsageError
-from dinoreg.images import ImageDecodeError, Recipe, load_image
-from dinoreg.pca import PCA, PCAAccumulator, fit_patches
-from dinoreg.preprocess import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, aspect_size
+from dinoreg.inputs.decode import ImageDecodeError, load_image
+from dinoreg.inputs.recipe import PATCH_SIZE, Recipe, aspect_size, normalise, resize
+from dinoreg.runtime import PreparedModel
+from dinoreg.viz import draw
+from dinoreg.viz.pca import PCA, PCAAccumulator, fit_patches
 
 Progress = Callable[[str, int, int], None]  # (stage "fit" or "render", done, total)
 
@@ -39,7 +40,7 @@ class ShowOptions:
     pca: str | Path | None = None  # apply this saved PCA (colours comparable across images)
     fit_pca: str | Path | None = None  # fit one PCA over all inputs, save it here, use it
     heads: bool = True  # write one attention picture per head (the sheet shows them anyway)
-    upsample: viz.Upsample = "nearest"  # patch squares; "bilinear" is smoother
+    upsample: draw.Upsample = "nearest"  # patch squares; "bilinear" is smoother
     alpha: float = 0.6  # opacity of heat maps over the image
     attention_cmap: str = "inferno"
     norm_cmap: str = "viridis"
@@ -56,8 +57,8 @@ class ShowOptions:
             raise UsageError(f"Alpha must be between 0 and 1, got {self.alpha}.")
         if self.upsample not in ("nearest", "bilinear"):
             raise UsageError(f"Unknown upsampling {self.upsample!r}; use nearest or bilinear.")
-        viz.colormap(self.attention_cmap)  # raises UsageError naming the choices
-        viz.colormap(self.norm_cmap)
+        draw.colormap(self.attention_cmap)  # raises UsageError naming the choices
+        draw.colormap(self.norm_cmap)
 
     @property
     def long_side(self) -> int:
@@ -122,22 +123,23 @@ def model_identity(model: torch.nn.Module) -> tuple[str, str]:
     return getattr(info, "name", "") or "", getattr(info, "sha256", "") or ""
 
 
-def load_resized(path: str, options: ShowOptions) -> Image.Image:
-    """Decode (EXIF-oriented RGB) and resize to `aspect_size`, bicubic, no crop."""
+def recipe_for(options: ShowOptions) -> Recipe:
+    """The keep-aspect recipe of `embed --keep-aspect` at the show's sizes."""
     side = -(-options.size // PATCH_SIZE) * PATCH_SIZE
-    # Only its decode settings matter here: big JPEGs decode at a reduced size that keeps the
-    # short side at least twice `side`, well above what the resize needs.
-    image = load_image(path, Recipe(image_size=side, resize=side))
-    target = aspect_size(*image.size, options.size, options.long_side)
-    return image.resize(target, Image.Resampling.BICUBIC) if image.size != target else image
+    return Recipe.for_size(side, keep_aspect=True, max_size=options.long_side)
+
+
+def load_resized(path: str, options: ShowOptions) -> Image.Image:
+    """Decode (EXIF-oriented RGB) and resize at the image's aspect, bicubic, no crop."""
+    recipe = recipe_for(options)
+    image = load_image(path, recipe)
+    return resize(image, recipe, aspect_size(*image.size, options.size, options.long_side))
 
 
 def to_pixels(image: Image.Image, model: torch.nn.Module) -> torch.Tensor:
     """ImageNet-normalised (1, 3, H, W) on the model's device and dtype."""
-    x = np.asarray(image, dtype=np.float32) / 255.0
-    x = (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
     param = next(model.parameters())
-    return torch.from_numpy(x.transpose(2, 0, 1).copy())[None].to(param.device, param.dtype)
+    return normalise(image, Recipe())[None].to(param.device, param.dtype)
 
 
 @dataclass(frozen=True)
@@ -147,15 +149,12 @@ class _Maps:
     cls_attention: np.ndarray  # (heads, T) CLS row of the last block's attention
 
 
-def _run(model: torch.nn.Module, pixels: torch.Tensor, attention: bool = True) -> _Maps:
-    # One pass serves all three maps; it equals forward_features / intermediate_layers(norm=False)
-    # / attention_maps (the tests check), which would each run the model again.
-    with torch.inference_mode():
-        x, _, maps, grid = model.run_blocks(pixels, attention_at=[-1] if attention else [])
-        final = model.split_tokens(model.norm(x), grid).patches[0]
-        raw = model.split_tokens(x, grid).patches[0]
-        cls_row = maps[model.block_index(-1)][0, :, 0] if attention else torch.zeros(0)
-    return _Maps(_numpy(final), _numpy(raw), _numpy(cls_row))
+def _run(prepared: PreparedModel, pixels: torch.Tensor, attention: bool = True) -> _Maps:
+    # One pass serves all three maps.
+    with prepared.inference():
+        out = prepared.model.features(pixels, cls_attention=attention)
+    cls_row = out.cls_attention[0] if attention else torch.zeros(0)
+    return _Maps(_numpy(out.tokens.patches[0]), _numpy(out.last.patches[0]), _numpy(cls_row))
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -163,7 +162,7 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def fit_pca(
-    model: torch.nn.Module,
+    prepared: PreparedModel,
     paths: Sequence[str],
     options: ShowOptions = ShowOptions(),
     progress: Progress | None = None,
@@ -172,6 +171,7 @@ def fit_pca(
 
     Returns it with the (path, reason) of inputs that could not be read.
     """
+    model = prepared.model
     name, sha = model_identity(model)
     acc = PCAAccumulator(model.cfg.dim)
     failed = []
@@ -181,7 +181,7 @@ def fit_pca(
         except ImageDecodeError as exc:
             failed.append((path, exc.reason))
         else:
-            acc.add(_run(model, to_pixels(image, model), attention=False).patches)
+            acc.add(_run(prepared, to_pixels(image, model), attention=False).patches)
         if progress:
             progress("fit", i + 1, len(paths))
     if acc.count == 0:
@@ -190,7 +190,7 @@ def fit_pca(
 
 
 def show(
-    model: torch.nn.Module,
+    prepared: PreparedModel,
     paths: Sequence[str],
     out_dir: str | Path,
     options: ShowOptions = ShowOptions(),
@@ -200,6 +200,7 @@ def show(
 
     Raises OutputError before any work if a file would be overwritten without `overwrite`.
     """
+    model = prepared.model
     out = Path(out_dir)
     heads, registers = model.cfg.heads, model.cfg.num_registers
     stems = unique_stems(paths)
@@ -221,7 +222,7 @@ def show(
     out.mkdir(parents=True, exist_ok=True)
     saved = None
     if options.fit_pca is not None:
-        shared, failed = fit_pca(model, paths, options, progress)
+        shared, failed = fit_pca(prepared, paths, options, progress)
         saved = shared.save(options.fit_pca)
     skip = {p for p, _ in failed}
     reports = []
@@ -232,7 +233,7 @@ def show(
             except ImageDecodeError as exc:
                 failed.append((path, exc.reason))
             else:
-                maps = _run(model, to_pixels(image, model))
+                maps = _run(prepared, to_pixels(image, model))
                 reports.append(_draw(image, maps, stem, path, out, shared, options, registers))
         if progress:
             progress("render", i + 1, len(paths))
@@ -260,12 +261,14 @@ def _draw(
         keep = pca.foreground(maps.patches)
         rgb = rgb * keep[..., None]
         foreground = float(keep.mean())
-    pca_png = np.rint(viz.upsample(rgb, size, options.upsample) * 255).astype(np.uint8)
+    pca_png = np.rint(draw.upsample(rgb, size, options.upsample) * 255).astype(np.uint8)
 
     def heat(grid: np.ndarray, cmap: str) -> np.ndarray:
         # Each map on its own min..max: an outlier patch shows as the lone bright square it is.
-        colours = viz.apply_colormap(viz.upsample(viz.rescale(grid), size, options.upsample), cmap)
-        return viz.overlay(picture, colours, options.alpha)
+        colours = draw.apply_colormap(
+            draw.upsample(draw.rescale(grid), size, options.upsample), cmap
+        )
+        return draw.overlay(picture, colours, options.alpha)
 
     to_registers = maps.cls_attention[:, 1 : 1 + registers].sum(axis=1)  # (heads,)
     per_head = maps.cls_attention[:, 1 + registers :].reshape(-1, h, w)  # (heads, h, w)
@@ -287,8 +290,8 @@ def _draw(
     ]
     names = output_names(stem, len(per_head), options.heads)
     shown_heads = attn_heads if options.heads else []
-    pictures = [pca_png, attn_mean, *shown_heads, norm_png, viz.contact_sheet(tiles)]
-    files = tuple(viz.write_png(out / n, p) for n, p in zip(names, pictures, strict=True))
+    pictures = [pca_png, attn_mean, *shown_heads, norm_png, draw.contact_sheet(tiles)]
+    files = tuple(draw.write_png(out / n, p) for n, p in zip(names, pictures, strict=True))
     return ImageReport(
         path=path,
         stem=stem,

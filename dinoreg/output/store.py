@@ -15,7 +15,6 @@ complete (`h5out.py`).
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -24,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from dinoreg._fs import fsync_dir, pwrite_all, read_json, write_json_atomic, write_new
 from dinoreg.errors import OutputError
-from dinoreg.outfiles import (
+from dinoreg.output.layout import (
     FAILED,
     JOURNAL,
-    LOCK,
     META,
     OFFSETS_DTYPE,
     PATHS,
@@ -36,15 +35,10 @@ from dinoreg.outfiles import (
     DatasetSpec,
     dataset_file,
     encode_field,
-    fsync_dir,
     header_length,
     npy_header,
-    pwrite_all,
     read_header_length,
-    read_json,
     read_rows,
-    write_json_atomic,
-    write_new,
 )
 
 JOURNAL_VERSION = 1
@@ -57,45 +51,6 @@ crash_hook: Callable[[str], None] | None = None
 def crash_point(name: str) -> None:
     if crash_hook is not None:
         crash_hook(name)
-
-
-def acquire_lock(directory: Path, output: Path) -> int:
-    """Hold an exclusive flock on `directory/.lock`; the kernel drops it if we are killed."""
-    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-        os.close(fd)
-        raise _locked(output, pid) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def probe_lock(directory: Path, output: Path) -> None:
-    """Fail if another process holds the lock, without creating or writing anything."""
-    try:
-        fd = os.open(directory / LOCK, os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-        raise _locked(output, pid) from None
-    finally:
-        os.close(fd)
-
-
-def _locked(output: Path, pid: str) -> OutputError:
-    return OutputError(
-        f"{output} is being written by another dinoreg process (pid {pid}); "
-        "wait for it or choose another --out."
-    )
 
 
 @dataclass(frozen=True)

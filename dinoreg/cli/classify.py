@@ -56,10 +56,10 @@ def classify(
     debug: DebugOpt = False,
 ) -> None:
     """ImageNet-1k top-k labels: a table on a terminal, TSV when piped, or --json lines."""
-    from dinoreg.classify import Classified
-    from dinoreg.classify import classify as run_classify
-    from dinoreg.images import Recipe
-    from dinoreg.pipeline import ComputeOptions
+    from dinoreg.classification import Classified
+    from dinoreg.classification import classify as run_classify
+    from dinoreg.inputs.recipe import Recipe
+    from dinoreg.runtime import ComputeOptions
 
     recipe = Recipe.for_size(image_size, crop=not no_crop, exact_decode=exact_decode)
     compute = ComputeOptions(

@@ -1,24 +1,22 @@
 """`embed`: many images -> CLS, register and patch tokens in an HDF5 file or .npy directory.
 
-Crash-safe and resumable through `dinoreg.writers`; nothing accumulates per image in memory.
-What is stored under which name: `dinoreg.embed_layout`. With `keep_aspect`, rows come grouped
-by patch grid (in (grid, input index) order, `dinoreg.buckets`), not in input order.
+Crash-safe and resumable through `dinoreg.output`; nothing accumulates per image in memory.
+What is stored under which name: `dinoreg.embedding.rows`. With `keep_aspect`, rows come grouped
+by patch grid (in (grid, input index) order, `dinoreg.inputs.buckets`), not in input order.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from dinoreg.embed_layout import (
+from dinoreg.batches import StageTimes, run_batches
+from dinoreg.embedding.rows import (
     TOKENS,
-    Mode,
     OutputOptions,
     dataset_specs,
     make_forward,
@@ -26,32 +24,11 @@ from dinoreg.embed_layout import (
     resolve_layers,
 )
 from dinoreg.errors import UsageError
-from dinoreg.images import Recipe, discover
-from dinoreg.pipeline import (
-    ComputeOptions,
-    StageTimes,
-    as_input_list,
-    choose_device,
-    choose_dtype,
-    compile_model,
-    run_batches,
-    set_precision,
-)
-from dinoreg.writers import OutputSpec, Writer, check_output, infer_format
-
-__all__ = [
-    "TOKENS",
-    "Interrupted",
-    "Mode",
-    "OutputOptions",
-    "Progress",
-    "RunSummary",
-    "dataset_specs",
-    "embed",
-    "embed_recipe",
-    "provenance",
-    "run_embed",
-]
+from dinoreg.inputs.discover import as_input_list, discover
+from dinoreg.inputs.recipe import Recipe
+from dinoreg.output.background import BackgroundWriter
+from dinoreg.output.writer import OutputSpec, Writer, check_output, infer_format
+from dinoreg.runtime import ComputeOptions, prepare_model
 
 
 @dataclass
@@ -182,21 +159,17 @@ def run_embed(
     stdin: TextIO | None = None,
 ) -> RunSummary:
     """The embed run with its configuration already built (the CLI calls this)."""
-    from dinoreg.model.weights import load_model
-
     start = time.perf_counter()
     fmt = infer_format(out, output.format)  # before Path() drops a trailing slash
     out = Path(out)
     check_output(out, output.mode, fmt)  # refuse before anything slow happens
     paths = discover(as_input_list(inputs), stdin=stdin)
-    device = choose_device(compute.device)
-    dtype = choose_dtype(compute.dtype, device)
-    model = load_model(model_name, device=device)
-    model = compile_model(set_precision(model, device, dtype), compute)
+    prepared = prepare_model(model_name, compute)
+    model = prepared.model
     if output.layers is not None:
         output = dataclasses.replace(output, layers=resolve_layers(output.layers, model.cfg.depth))
     datasets = dataset_specs(model.cfg.dim, model.cfg.num_registers, recipe.grid, output)
-    meta = provenance(model, recipe, dtype, output, device)
+    meta = provenance(prepared, recipe, output)
     spec = OutputSpec(path=out, format=fmt, datasets=datasets)
     with Writer.open(spec, meta, output.mode) as writer:
         done_before = writer.committed_inputs
@@ -212,10 +185,10 @@ def run_embed(
         interrupted = False
         # Keep-aspect runs plan their batches over `todo` only: the order is a stable sort on
         # (grid, input index), so the rows an interrupted run committed are a prefix of the
-        # uninterrupted order and this run continues it batch for batch (`dinoreg.buckets`).
-        forward = make_forward(model, output, recipe.keep_aspect, device, dtype)
+        # uninterrupted order and this run continues it batch for batch (`dinoreg.inputs.buckets`).
+        forward = make_forward(prepared, output, recipe.keep_aspect)
         try:
-            _loop(forward, todo, recipe, compute, device, writer, summary, times, progress)
+            _loop(forward, todo, recipe, compute, prepared.device, writer, summary, times, progress)
         except KeyboardInterrupt:
             interrupted = True
         writer.close(complete=not interrupted)
@@ -242,48 +215,6 @@ def _loop(forward, todo, recipe, compute, device, writer, summary, times, progre
             done += len(result.paths) + len(result.failures)
             if progress is not None:
                 progress(Progress(done, len(todo), summary.rows, result.failures))
-
-
-class BackgroundWriter:
-    """Commits batches on a thread of its own so the model never waits on the disk.
-
-    At most two batches wait in the queue; leaving the block (normally or on Ctrl-C) commits
-    everything submitted before returning, so a finished batch is never lost.
-    """
-
-    def __init__(self, writer: Writer) -> None:
-        self.writer = writer
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="dinoreg-writer", daemon=True)
-
-    def __enter__(self) -> BackgroundWriter:
-        self.thread.start()
-        return self
-
-    def submit(self, paths, arrays, failures) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put((paths, arrays, failures))
-
-    def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self.writer.write_batch(*item)
-                except BaseException as exc:  # re-raised in the main thread
-                    self.error = exc
-
-    def __exit__(self, *exc_info) -> None:
-        while True:
-            try:
-                self.queue.put(None)
-                self.thread.join()
-                break
-            except KeyboardInterrupt:
-                continue  # a second Ctrl-C must not abandon committed work mid-flight
-        if self.error is not None:
-            raise self.error
 
 
 def _size_on_disk(path: Path) -> int:

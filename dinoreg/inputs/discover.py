@@ -20,6 +20,13 @@ _GLOB_CHARS = frozenset("*?[")
 _SHOWN_MISSES = 5
 
 
+def as_input_list(inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[str]:
+    """One input or many, as strings."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return [os.fspath(inputs)]
+    return [os.fspath(i) for i in inputs]
+
+
 def discover(inputs: Sequence[str], stdin: TextIO | None = None) -> list[str]:
     """Expand directories, globs, files and "-" (paths on stdin) to a sorted, unique path list.
 

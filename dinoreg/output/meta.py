@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from dinoreg.outfiles import DatasetSpec
+from dinoreg.output.layout import DatasetSpec
 
 # Meta keys that change what a row means; a resumed run must match the stored run on these.
 RESUME_KEYS = (

@@ -10,18 +10,11 @@ from typing import TextIO
 
 import torch
 
+from dinoreg.batches import run_batches
 from dinoreg.errors import UsageError, WeightsError
-from dinoreg.images import Recipe, discover
-from dinoreg.pipeline import (
-    ComputeOptions,
-    as_input_list,
-    autocast,
-    choose_device,
-    choose_dtype,
-    compile_model,
-    run_batches,
-    set_precision,
-)
+from dinoreg.inputs.discover import as_input_list, discover
+from dinoreg.inputs.recipe import Recipe
+from dinoreg.runtime import ComputeOptions, prepare_model
 
 
 @dataclass(frozen=True)
@@ -98,17 +91,13 @@ def classify(
     stdin: TextIO | None = None,
 ) -> Iterator[Classified | Skipped]:
     """Classify images, yielding one result per input in input order as batches finish."""
-    from dinoreg.model.weights import load_model
-
     if top < 1:
         raise UsageError(f"--top-k must be at least 1, got {top}.")
     recipe = recipe or Recipe()
     compute = compute or ComputeOptions()
     paths = discover(as_input_list(inputs), stdin=stdin)
-    device = choose_device(compute.device)
-    dtype = choose_dtype(compute.dtype, device)
-    net = load_model(model, device=device, head=head)
-    net = compile_model(set_precision(net, device, dtype), compute)
+    prepared = prepare_model(model, compute, head=head)
+    net = prepared.model
     if net.head is None:
         raise WeightsError(
             f"Model {model} has no classification head; use an -imagenet1k model "
@@ -117,11 +106,11 @@ def classify(
     names = label_names(net.info.labels, net.cfg.num_labels)
 
     def forward(pixels: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), autocast(device, dtype):
+        with prepared.inference():
             return net.logits(pixels).float().cpu()
 
     order = {p: i for i, p in enumerate(paths)}
-    for result in run_batches(paths, recipe, compute, forward, device):
+    for result in run_batches(paths, recipe, compute, forward, prepared.device):
         # rows and failures come back separately; put them back in input order
         ranked = top_k(result.outputs, names, top) if result.outputs is not None else []
         items: list[Classified | Skipped] = [

@@ -1,0 +1,101 @@
+"""Decoded images as a torch Dataset, and the collate that stacks them into batches."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from dinoreg.inputs.decode import MAX_PIXELS, ImageDecodeError, load_image
+from dinoreg.inputs.recipe import Recipe, preprocess
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One dataset item: pixels on success, or the reason it failed."""
+
+    index: int
+    pixels: torch.Tensor | None
+    error: str | None
+
+
+@dataclass
+class Batch:
+    """Decoded images stacked in batch order, plus the inputs that failed and why."""
+
+    indices: list[int]
+    pixels: torch.Tensor | None  # (B, 3, H, W) float32; None when every input failed
+    failures: list[tuple[int, str]]
+
+    def pin_memory(self) -> Batch:
+        """Pin the pixels in page-locked memory (called by DataLoader(pin_memory=True))."""
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Preprocessed images by index; a bad file yields a Sample with `error`, never an exception.
+
+    `sizes` (N, 2) gives keep-aspect recipes the planned (W, H) of each input (`dinoreg.buckets`),
+    so every image of a bucketed batch comes out the same size; (0, 0) means unplanned (the size
+    then follows the decoded image).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        recipe: Recipe,
+        *,
+        max_pixels: int = MAX_PIXELS,
+        sizes: np.ndarray | None = None,
+    ) -> None:
+        encoded = [os.fsencode(p) for p in paths]
+        # One bytes blob plus offsets instead of a list of str: forked workers that touch list
+        # items copy their pages (refcounts), so memory would grow with the number of inputs.
+        self._blob = b"".join(encoded)
+        self._offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
+        self.recipe = recipe
+        self.max_pixels = max_pixels
+        if sizes is not None:
+            sizes = np.asarray(sizes, dtype=np.int32)
+            if not recipe.keep_aspect or sizes.shape != (len(encoded), 2):
+                raise ValueError("sizes must be (N, 2), for a keep-aspect recipe only")
+        self.sizes = sizes
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def path(self, index: int) -> str:
+        """The input path at `index`, as given."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} inputs")
+        start, end = self._offsets[index], self._offsets[index + 1]
+        return os.fsdecode(self._blob[start:end])
+
+    def planned_size(self, index: int) -> tuple[int, int] | None:
+        """The (W, H) planned for `index`, or None (not planned, or its header was unreadable)."""
+        if self.sizes is None or not self.sizes[index, 0]:
+            return None
+        return int(self.sizes[index, 0]), int(self.sizes[index, 1])
+
+    def __getitem__(self, index: int) -> Sample:
+        path = self.path(index)
+        try:
+            image = load_image(path, self.recipe, max_pixels=self.max_pixels)
+            pixels = preprocess(image, self.recipe, size=self.planned_size(index))
+        except ImageDecodeError as exc:
+            return Sample(index=index, pixels=None, error=exc.reason)
+        return Sample(index=index, pixels=pixels, error=None)
+
+
+def collate(samples: list[Sample]) -> Batch:
+    """Stack successful samples into one tensor; failed ones become (index, reason) pairs."""
+    good = [s for s in samples if s.pixels is not None]
+    failures = [(s.index, s.error or "unknown error") for s in samples if s.pixels is None]
+    pixels = torch.stack([s.pixels for s in good]) if good else None
+    return Batch(indices=[s.index for s in good], pixels=pixels, failures=failures)
