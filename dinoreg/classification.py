@@ -92,7 +92,7 @@ def classify(
 ) -> Iterator[Classified | Skipped]:
     """Classify images, yielding one result per input in input order as batches finish."""
     if top < 1:
-        raise UsageError(f"--top-k must be at least 1, got {top}.")
+        raise UsageError(f"top must be at least 1, got {top}.", params=("top",))
     recipe = recipe or Recipe()
     compute = compute or ComputeOptions()
     paths = discover(as_input_list(inputs), stdin=stdin)
@@ -100,8 +100,9 @@ def classify(
     net = prepared.model
     if net.head is None:
         raise WeightsError(
-            f"Model {model} has no classification head; use an -imagenet1k model "
-            "(e.g. small-imagenet1k) or add --head with a *_linear_head.pth file."
+            f"Model {model} cannot classify (it has no linear layer on top); use an "
+            "-imagenet1k model (e.g. small-imagenet1k) or add a *_linear_head.pth file as head.",
+            params=("head",),
         )
     names = label_names(net.info.labels, net.cfg.num_labels)
 

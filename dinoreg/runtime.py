@@ -30,11 +30,15 @@ class ComputeOptions:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}.")
+            raise UsageError(
+                f"batch_size must be at least 1, got {self.batch_size}.", params=("batch_size",)
+            )
         if self.workers is not None and self.workers < 0:
-            raise UsageError(f"--workers must be 0 or more, got {self.workers}.")
+            raise UsageError(f"workers must be 0 or more, got {self.workers}.", params=("workers",))
         if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise UsageError(f"Unknown --dtype {self.dtype!r}; use auto, {', '.join(DTYPES)}.")
+            raise UsageError(
+                f"Unknown dtype {self.dtype!r}; use auto, {', '.join(DTYPES)}.", params=("dtype",)
+            )
 
 
 def choose_device(spec: str) -> torch.device:
@@ -49,23 +53,35 @@ def choose_device(spec: str) -> torch.device:
         device = torch.device(spec)
     except RuntimeError:
         raise UsageError(
-            f"Unknown --device {spec!r}; use auto, cpu, cuda, cuda:N or mps."
+            f"Unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps.", params=("device",)
         ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(
-                "--device cuda was asked for but CUDA is not available; use --device cpu."
-            )
+            raise UsageError(_no_cuda(spec), params=("device",))
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(
-                f"--device {spec} does not exist: this machine has "
-                f"{torch.cuda.device_count()} CUDA device(s)."
+                f"device {spec} does not exist: this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s).",
+                params=("device",),
             )
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps was asked for but MPS is not available; use --device cpu.")
+        raise UsageError(
+            "device mps was asked for but MPS is not available; use device cpu.", params=("device",)
+        )
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"Unsupported --device {spec!r}; use auto, cpu, cuda, cuda:N or mps.")
+        raise UsageError(
+            f"Unsupported device {spec!r}; use auto, cpu, cuda, cuda:N or mps.", params=("device",)
+        )
     return device
+
+
+def _no_cuda(spec: str) -> str:
+    if torch.version.cuda is None:
+        return (
+            f"device {spec} was asked for, but this torch {torch.__version__} was installed "
+            "without CUDA; install a CUDA build of torch (see pytorch.org), or use device cpu."
+        )
+    return f"device {spec} was asked for but no CUDA GPU is visible; use device cpu."
 
 
 def choose_dtype(spec: str, device: torch.device) -> torch.dtype:

@@ -118,7 +118,7 @@ def test_refuses_other_models_and_bad_files(tmp_path):
     pca.check("", "", 24)  # nothing to compare but the width
     with pytest.raises(UsageError, match="24-dim"):
         pca.check("tiny", "ab" * 32, 32)
-    with pytest.raises(UsageError, match="--fit-pca"):
+    with pytest.raises(UsageError, match="fit_pca"):
         pca.check("other", "cd" * 32, 24)
     with pytest.raises(InputError, match="does not exist"):
         PCA.load(tmp_path / "missing.npz")

@@ -129,7 +129,7 @@ def test_show_is_deterministic_and_never_overwrites(tiny_model, tmp_path):
     show(tiny_model, PHOTOS, tmp_path / "b", options)
     first = pngs(tmp_path / "a")
     assert first == pngs(tmp_path / "b") and len(first) == 2 * (4 + tiny_model.model.cfg.heads)
-    with pytest.raises(OutputError, match="--overwrite"):
+    with pytest.raises(OutputError, match="overwrite=True"):
         show(tiny_model, PHOTOS, tmp_path / "a", options)
     show(tiny_model, PHOTOS[:1], tmp_path / "a", ShowOptions(size=224, overwrite=True))
     assert pngs(tmp_path / "a")["chelsea_pca.png"] != first["chelsea_pca.png"]  # nearest now

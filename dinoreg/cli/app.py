@@ -3,19 +3,22 @@ known errors become a one-line message and an exit code."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import sys
+from collections.abc import Iterator
 from enum import Enum
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from dinoreg import __version__
+from dinoreg.cli import output
 from dinoreg.errors import DinoregError
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SKIPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_SKIPPED, EXIT_INTERRUPTED = 0, 3, 130
 
 app = typer.Typer(
     name="dinoreg",
@@ -25,7 +28,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class Format(str, Enum):
@@ -89,7 +91,6 @@ CompileOpt = Annotated[
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.", hidden=True)]
 
 
 def _version(value: bool) -> None:
@@ -107,81 +108,114 @@ def _root(
     """DINOv2-with-registers features and ImageNet labels for images."""
 
 
-# -- embed ------------------------------------------------------------------------------------
+# -- the error boundary -----------------------------------------------------------------------
+
+# Library errors name Python parameters; users typed flags. The one table between the two.
+FLAGS = {
+    "inputs": "INPUT",
+    "out": "--out",
+    "out_dir": "--out",
+    "model": "--model",
+    "head": "--head",
+    "format": "--format",
+    "tokens": "--tokens",
+    "store_dtype": "--store-dtype",
+    "image_size": "--image-size",
+    "size": "--size",
+    "max_size": "--max-size",
+    "crop": "--no-crop",
+    "keep_aspect": "--keep-aspect",
+    "exact_decode": "--exact-decode",
+    "layers": "--layers",
+    "final_norm": "--no-final-norm",
+    "device": "--device",
+    "dtype": "--dtype",
+    "batch_size": "--batch-size",
+    "workers": "--workers",
+    "compile": "--compile",
+    "overwrite": "--overwrite",
+    "resume": "--resume",
+    "top": "--top-k",
+    "pca": "--pca",
+    "fit_pca": "--fit-pca",
+    "mask": "--mask",
+}
 
 
-# -- progress and the error boundary ----------------------------------------------------------
+def as_flags(message: str, params: tuple[str, ...]) -> str:
+    """A library message with its parameter names (and `name=value` spellings) as flags."""
+    for name in sorted(params, key=len, reverse=True):
+        flag = FLAGS.get(name)
+        if flag is not None:
+            pattern = rf"(?<![\w-]){re.escape(name)}(=(True|False|None))?(?![\w-])"
+            message = re.sub(pattern, flag, message)
+    return message
 
 
-class ProgressBar:
-    """tqdm on stderr, only on a terminal and unless --quiet."""
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (timeout, systemd, docker stop, Slurm) stops like Ctrl-C: commit, then exit 130.
 
-    def __init__(self, what: str, enabled: bool) -> None:
-        self.enabled = enabled and sys.stderr.isatty()
-        self.what = what
-        self.bar = None
+    Installed for the CLI's run only and restored after, so library callers keep their own.
+    """
 
-    def update(self, event) -> None:
-        for path, reason in event.new_failures:
-            # every skipped input is named once, as it happens
-            message = f"skipped {path}: {reason}"
-            if self.bar is not None:
-                self.bar.write(message, file=sys.stderr)
-            else:
-                err.print(f"[yellow]{message}[/]", markup=True)
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
+    def handler(signum, frame) -> None:
+        raise KeyboardInterrupt
 
-            self.bar = tqdm(
-                total=event.total, unit="img", file=sys.stderr, dynamic_ncols=True, desc=self.what
-            )
-        self.bar.update(event.done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"
-
-
-def _sigterm(signum, frame) -> None:
-    raise KeyboardInterrupt  # the same orderly stop as Ctrl-C: commit, then exit 130
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run a command; map known errors to one line on stderr and an exit code."""
-    args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args
-    signal.signal(signal.SIGTERM, _sigterm)
+    args = list(sys.argv[1:] if argv is None else argv)
+    with sigterm_as_interrupt():
+        code = run(args)
+    sys.exit(code)
+
+
+def run(args: list[str]) -> int:
+    """Run the command line `args`; return the exit code (the CLI's one error boundary)."""
+    debug = "--debug" in args  # hidden: tracebacks for bug reports
+    args = [a for a in args if a != "--debug"]
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=args, prog_name="dinoreg", standalone_mode=False)
+        # make_context + invoke, not command.main: typer's main turns a closed pipe into exit 1
+        # and Ctrl-C into an Abort before we could say what was done
+        with command.make_context("dinoreg", list(args), obj=Invocation(args)) as ctx:
+            command.invoke(ctx)
+        code = EXIT_OK
     except DinoregError as exc:
         if debug:
             raise
-        err.print(f"[red]error:[/] {exc}", markup=True)
+        output.error(as_flags(str(exc), exc.params))
         code = exc.exit_code
     except typer.Exit as exc:
         code = exc.exit_code
-    except typer.TyperException as exc:  # click-style usage errors: bad flags, missing args
+    except typer.TyperException as exc:  # usage errors: bad flags, missing arguments
         exc.show(file=sys.stderr)
         code = exc.exit_code
     except (KeyboardInterrupt, typer.Abort):
-        err.print("interrupted")
+        output.say("interrupted")
         code = EXIT_INTERRUPTED
     except BrokenPipeError:
-        # the reader of stdout went away (e.g. `| head`): stop quietly
+        # the reader of stdout went away (e.g. `| head`): stop quietly, and keep Python from
+        # complaining about the unflushed stdout at exit
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         code = EXIT_OK
-    sys.exit(code if isinstance(code, int) else EXIT_OK)
+    return code if isinstance(code, int) else EXIT_OK
+
+
+class Invocation:
+    """The argv this run was started with, for messages that repeat the command."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = list(args)

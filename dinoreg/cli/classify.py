@@ -10,11 +10,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from dinoreg.cli import output
 from dinoreg.cli.app import (
     EXIT_SKIPPED,
     BatchOpt,
     CompileOpt,
-    DebugOpt,
     DeviceOpt,
     DType,
     DTypeOpt,
@@ -27,8 +27,6 @@ from dinoreg.cli.app import (
     QuietOpt,
     WorkersOpt,
     app,
-    err,
-    human_bytes,
 )
 
 
@@ -53,7 +51,6 @@ def classify(
     workers: WorkersOpt = None,
     compile: CompileOpt = False,
     quiet: QuietOpt = False,
-    debug: DebugOpt = False,
 ) -> None:
     """ImageNet-1k top-k labels: a table on a terminal, TSV when piped, or --json lines."""
     from dinoreg.classification import Classified
@@ -81,7 +78,7 @@ def classify(
     for item in results:
         if not isinstance(item, Classified):
             skipped += 1
-            err.print(f"[yellow]skipped[/] {item.path}: {item.reason}")
+            output.skipped(item.path, item.reason)
             continue
         if json_out:
             top = [vars(p) for p in item.top]
@@ -158,7 +155,7 @@ def models(json_out: JsonOpt = False) -> None:
             r["alias"],
             r["repo_id"],
             f"{r['params'] / 1e6:.1f} M",
-            human_bytes(r["download_bytes"]),
+            output.human_bytes(r["download_bytes"]),
             r["for"],
             "yes" if r["cached"] else "no",
         )

@@ -10,28 +10,26 @@ from typing import Annotated
 
 import typer
 
+from dinoreg.cli import output
 from dinoreg.cli.app import (
     EXIT_INTERRUPTED,
     EXIT_SKIPPED,
     BatchOpt,
     CompileOpt,
-    DebugOpt,
     DeviceOpt,
     DType,
     DTypeOpt,
     ExactOpt,
     Format,
     Inputs,
+    Invocation,
     JsonOpt,
     ModelOpt,
     NoCropOpt,
-    ProgressBar,
     QuietOpt,
     StoreDType,
     WorkersOpt,
     app,
-    err,
-    human_bytes,
 )
 
 EmbedSizeOpt = Annotated[
@@ -89,6 +87,7 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
 
 @app.command()
 def embed(
+    ctx: typer.Context,
     inputs: Inputs,
     out: Annotated[
         str, typer.Option("--out", "-o", help="Output: x.h5, or a directory (dir/) for .npy files.")
@@ -122,7 +121,6 @@ def embed(
         bool, typer.Option("--resume", help="Continue an interrupted output.")
     ] = False,
     quiet: QuietOpt = False,
-    debug: DebugOpt = False,
 ) -> None:
     """Embed images into an HDF5 file or a directory of .npy files (resumable)."""
     # With --keep-aspect rows are grouped by patch grid (by grid, then input order), not in input
@@ -145,7 +143,7 @@ def embed(
     compute = ComputeOptions(
         device=device, dtype=dtype.value, batch_size=batch_size, workers=workers, compile=compile
     )
-    output = OutputOptions(
+    stored = OutputOptions(
         tokens=tuple(t.strip() for t in tokens.split(",") if t.strip()),
         store_dtype=store_dtype.value,
         format=format.value if format else None,
@@ -153,24 +151,24 @@ def embed(
         layers=parse_layers(layers),
         final_norm=not no_final_norm,
     )
-    bar = ProgressBar("embed", enabled=not quiet)
+    bar = output.ProgressBar("embed", enabled=not quiet)
     try:
-        summary = run_embed(inputs, out, model, recipe, compute, output, bar.update, sys.stdin)
+        summary = run_embed(inputs, out, model, recipe, compute, stored, bar.update, sys.stdin)
     except Interrupted as stop:
         bar.close()
         s = stop.summary
-        err.print(
-            f"[yellow]interrupted[/]: {s.rows} rows committed to {out}; continue with:\n"
-            f"  {_resume_command()}"
+        output.say(
+            ("interrupted", "yellow"),
+            f": {s.rows} rows committed to {out}; continue with:\n  {_resume_command(ctx)}",
         )
         raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
         bar.close()
     if not quiet:
-        size = human_bytes(summary.bytes)
+        size = output.human_bytes(summary.bytes)
         resumed = f", {summary.resumed} done by earlier runs" if summary.resumed else ""
         earlier = f", {summary.failures_before} earlier" if summary.failures_before else ""
-        err.print(
+        output.say(
             f"embedded {summary.rows} images ({len(summary.failures)} skipped{earlier}{resumed}) "
             f"in {summary.seconds:.1f} s, {summary.images_per_s:.1f} images/s -> {out} ({size})"
         )
@@ -178,8 +176,10 @@ def embed(
         raise typer.Exit(EXIT_SKIPPED)  # the output lacks rows for some inputs
 
 
-def _resume_command() -> str:
-    args = [a for a in sys.argv[1:] if a != "--overwrite"]
+def _resume_command(ctx: typer.Context) -> str:
+    """The command line that continues this run: the same arguments, --resume for --overwrite."""
+    given = ctx.obj.args if isinstance(ctx.obj, Invocation) else sys.argv[1:]
+    args = [a for a in given if a != "--overwrite"]
     if "--resume" not in args:
         args.append("--resume")
     text = shlex.join(["dinoreg", *args])

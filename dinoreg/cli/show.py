@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from dinoreg.cli.app import EXIT_SKIPPED, DeviceOpt, Inputs, JsonOpt, ModelOpt, QuietOpt, app, err
+from dinoreg.cli import output
+from dinoreg.cli.app import EXIT_SKIPPED, DeviceOpt, Inputs, JsonOpt, ModelOpt, QuietOpt, app
 
 
 @app.command()
@@ -58,11 +59,11 @@ def show(
 
     def progress(stage: str, done: int, total: int) -> None:
         if not quiet and sys.stderr.isatty():
-            err.print(f"{stage} {done}/{total}", end="\r")
+            output.err.print(f"{stage} {done}/{total}", end="\r")
 
     result = draw(net, paths, out, options, progress)
     for path, reason in result.failed:
-        err.print(f"[yellow]skipped[/] {path}: {reason}")
+        output.skipped(path, reason)
     for report in result.images:
         # stdout: one line per image with the numbers worth comparing (results, not chatter)
         if json_out:
@@ -84,6 +85,6 @@ def show(
             )
     if not quiet:
         saved = f"; PCA saved to {result.pca_file}" if result.pca_file else ""
-        err.print(f"wrote {len(result.files)} pictures to {out}{saved}")
+        output.say(f"wrote {len(result.files)} pictures to {out}{saved}")
     if result.failed:
         raise typer.Exit(EXIT_SKIPPED)

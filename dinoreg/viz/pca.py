@@ -69,13 +69,18 @@ class PCA:
             raise UsageError(
                 f"PCA file {source} was fitted on {self.dim}-dim features ({fitted}), but the "
                 f"model {model_name or ''} gives {dim}-dim ones; fit one for this model with "
-                "--fit-pca."
+                "fit_pca.",
+                params=("fit_pca",),
             )
         if self.model_sha and model_sha and self.model_sha != model_sha:
             raise UsageError(
                 f"PCA file {source} was fitted on {fitted} (weights {self.model_sha[:12]}), not "
                 f"on {model_name or 'this model'} (weights {model_sha[:12]}); use the same "
-                "--model or fit a new PCA with --fit-pca."
+                "model or fit a new PCA with fit_pca.",
+                params=(
+                    "fit_pca",
+                    "model",
+                ),
             )
 
     def save(self, path: str | Path) -> Path:
@@ -111,12 +116,17 @@ class PCA:
         """Read a file written by `save`; InputError when it is missing or not one."""
         path = Path(path)
         if not path.is_file():
-            raise InputError(f"PCA file {path} does not exist; fit one with --fit-pca {path}.")
-        bad = f"{path} is not a PCA file written by dinoreg --fit-pca"
+            raise InputError(
+                f"PCA file {path} does not exist; fit one with fit_pca {path}.", params=("fit_pca",)
+            )
+        bad = f"{path} is not a PCA file written by dinoreg (fit_pca)"
         try:
             with np.load(path, allow_pickle=False) as data:
                 if "format" not in data.files or str(data["format"]) != FORMAT:
-                    raise InputError(f"{bad} (no {FORMAT} marker); fit it again with --fit-pca.")
+                    raise InputError(
+                        f"{bad} (no {FORMAT} marker); fit it again with fit_pca.",
+                        params=("fit_pca",),
+                    )
                 pca = cls(
                     mean=np.asarray(data["mean"], np.float64),
                     components=np.asarray(data["components"], np.float64),
@@ -133,7 +143,7 @@ class PCA:
             raise
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise InputError(
-                f"{bad} ({type(exc).__name__}); fit it again with --fit-pca."
+                f"{bad} ({type(exc).__name__}); fit it again with fit_pca.", params=("fit_pca",)
             ) from None
         k = COMPONENTS
         shapes_ok = (
@@ -142,7 +152,10 @@ class PCA:
             and pca.lo.shape == pca.hi.shape == pca.variance.shape == (k,)
         )
         if not shapes_ok:
-            raise InputError(f"{bad} (inconsistent array shapes); fit it again with --fit-pca.")
+            raise InputError(
+                f"{bad} (inconsistent array shapes); fit it again with fit_pca.",
+                params=("fit_pca",),
+            )
         return pca
 
 

@@ -52,7 +52,10 @@ class ShowOptions:
         if self.max_size is not None and self.max_size < self.size:
             raise UsageError(f"Max size ({self.max_size}) must be at least size ({self.size}).")
         if self.pca is not None and self.fit_pca is not None:
-            raise UsageError("Give either --pca (apply a saved PCA) or --fit-pca, not both.")
+            raise UsageError(
+                "Give either pca (apply a saved PCA) or fit_pca, not both.",
+                params=("pca", "fit_pca"),
+            )
         if not 0.0 <= self.alpha <= 1.0:
             raise UsageError(f"Alpha must be between 0 and 1, got {self.alpha}.")
         if self.upsample not in ("nearest", "bilinear"):
@@ -211,7 +214,9 @@ def show(
     if existing and not options.overwrite:
         more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
         raise OutputError(
-            f"{', '.join(existing[:3])}{more} already exist; pass --overwrite or another --out."
+            f"{', '.join(existing[:3])}{more} already exist; "
+            "pass overwrite=True or another out_dir.",
+            params=("overwrite", "out_dir"),
         )
     name, sha = model_identity(model)
     shared: PCA | None = None
