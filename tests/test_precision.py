@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from conftest import EXAMPLES
 
@@ -32,10 +33,13 @@ def test_bf16_on_cpu_runs_bf16_weights_with_a_float32_position_table(tiny_dir, t
         assert f.attrs["compute_dtype"] == "bfloat16" and f["patches"].dtype == np.float32
 
 
+@pytest.mark.slow
 def test_compile_gives_the_eager_numbers(tiny_dir, tmp_path):
+    # four images in one batch: one input shape, so one compilation (each shape costs ~30 s)
+    images = sorted(str(p) for p in EXAMPLES.glob("*.jpg"))[:4]
     common = {"model": str(tiny_dir.path), "workers": 0, "batch_size": 4}
-    dinoreg.embed(EXAMPLES, tmp_path / "eager.h5", **common)
-    dinoreg.embed(EXAMPLES, tmp_path / "compiled.h5", compile=True, **common)
+    dinoreg.embed(images, tmp_path / "eager.h5", **common)
+    dinoreg.embed(images, tmp_path / "compiled.h5", compile=True, **common)
     assert (
         np.abs(_patches(tmp_path / "eager.h5") - _patches(tmp_path / "compiled.h5")).max() <= 1e-5
     )
@@ -45,3 +49,22 @@ def h5py_file(path):
     import h5py
 
     return h5py.File(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_path_that_cuda_runs_matches_float32(tiny_dir, dtype):
+    # CUDA runs fp32 weights under autocast; the same path on CPU, against plain float32
+    from conftest import our_sequence, pixels
+
+    model = dinoreg.load_model(str(tiny_dir.path))
+    x = pixels(98, 154, batch=2)
+    with torch.inference_mode():
+        want = our_sequence(model.features(x).tokens)
+    # what PreparedModel.inference() enters on CUDA (on CPU, bf16 runs bf16 weights instead)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype):
+        out = model.features(x, [0], cls_attention=True)
+        got = our_sequence(out.tokens).float()
+    cos = torch.nn.functional.cosine_similarity(got.flatten(0, 1), want.flatten(0, 1), dim=-1)
+    assert cos.min() > 0.999
+    assert out.tokens.cls.dtype == torch.float32  # the final LayerNorm computes in float32
+    assert torch.isfinite(out.cls_attention).all()

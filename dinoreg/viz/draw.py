@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dinoreg._fs import atomic_write
 from dinoreg.errors import UsageError
 
 Upsample = Literal["nearest", "bilinear"]
@@ -163,15 +163,4 @@ def png_bytes(image: Image.Image | np.ndarray) -> bytes:
 
 def write_png(path: Path, image: Image.Image | np.ndarray) -> Path:
     """Write a PNG atomically: a half-written file never takes the final name."""
-    data = png_bytes(image)
-    # open(..., "xb") rather than mkstemp: the file gets the umask's permissions, not 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)  # left by a crashed run that had our pid
-    try:
-        with open(tmp, "xb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, png_bytes(image))

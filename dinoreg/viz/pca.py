@@ -8,13 +8,14 @@ range and the mask threshold. Colours are fixed at fit time, so a saved PCA pain
 
 from __future__ import annotations
 
-import os
+import io
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from dinoreg._fs import atomic_write
 from dinoreg.errors import InputError, UsageError
 
 FORMAT = "dinoreg-pca/1"
@@ -99,17 +100,10 @@ class PCA:
             "model_name": np.array(self.model_name),
             "model_sha": np.array(self.model_sha),
         }
-        # Through a file object, so numpy does not append ".npz" to a name the user chose.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            with open(tmp, "xb") as handle:
-                np.savez(handle, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        # Through a buffer, so numpy does not append ".npz" to a name the user chose.
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        return atomic_write(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path: str | Path) -> PCA:
