@@ -398,7 +398,7 @@ def check_keys(
         raise WeightsError(
             f"{what} looks like a {layout} checkpoint but does not fit a DINOv2 ViT ({shape}): "
             + "; ".join(problems)
-            + ". Use an unmodified DINOv2 checkpoint (with or without registers)."
+            + "; use an unmodified DINOv2 checkpoint (with or without registers)."
         )
 
 
