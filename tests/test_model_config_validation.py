@@ -93,7 +93,7 @@ def edit_config(path: Path, **changes) -> Path:
 )
 def test_bad_config_values(ckpt, key, value, rule):
     file = edit_config(ckpt, **{key: value})
-    msg = fails_fast(ckpt, str(file), key, repr(value), rule, "original config.json")
+    msg = fails_fast(ckpt, f"{file}: {key} is {value!r}, but", rule, "original config.json")
     assert msg.count(". ") == 0  # one sentence
 
 
@@ -102,7 +102,7 @@ def test_missing_required_key(ckpt):
     config = json.loads(file.read_text())
     del config["hidden_size"]
     file.write_text(json.dumps(config))
-    fails_fast(ckpt, str(file), "hidden_size", "missing")
+    fails_fast(ckpt, f"{file}: hidden_size is missing, but it must be present")
 
 
 def test_config_that_is_a_list(ckpt):

@@ -164,11 +164,16 @@ _HF_INT_KEYS: dict[str, tuple[str, int | None]] = {
 }
 
 
+class _Missing:
+    def __repr__(self) -> str:
+        return "missing"
+
+
 def _hf_int(config: Mapping[str, Any], key: str) -> int:
     field, default = _HF_INT_KEYS[key]
     if key not in config:
         if default is None:
-            raise ConfigError(key, "missing", "present")
+            raise ConfigError(key, _Missing(), "present")
         return default
     return check_int(key, config[key], *LIMITS[field])
 

@@ -321,7 +321,7 @@ def load_weights(name: str) -> tuple[RegistersViT, ModelInfo]:
     except ConfigError as exc:
         if hf_config is not None:
             raise WeightsError(
-                f"{source.config_file} sets {exc}; correct that value in the file or replace it "
+                f"{source.config_file}: {exc}; correct that value in the file or replace it "
                 "with the model's original config.json."
             ) from None
         raise WeightsError(
