@@ -1,15 +1,18 @@
 """Model name -> weight files -> a loaded, strictly checked RegistersViT.
 
-A name is an alias (`small`, `base-imagenet1k`, ...), a hub repo id, a local directory
-(`config.json` + safetensors, sharded too) or a single `.safetensors` / `.pth` file in the HF,
-original or timm layout. Hub files go through huggingface_hub into the standard HF cache, so
-transformers and dinoreg share downloads, and `HF_HUB_OFFLINE=1` serves them from that cache.
+A name is an alias (`small`, `base-imagenet1k`, `dinov2-small`, ...), a hub repo id, a local
+directory (`config.json` + safetensors, sharded too) or a single `.safetensors` / `.pth` file in
+the HF, original or timm layout, of DINOv2 with registers or plain DINOv2. Hub files go through
+huggingface_hub into the standard HF cache, so transformers and dinoreg share downloads, and
+`HF_HUB_OFFLINE=1` serves them from that cache.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import os
 import pickle
 import re
 from collections.abc import Mapping
@@ -20,10 +23,11 @@ import torch
 
 from dinoreg.errors import WeightsError
 from dinoreg.model import layouts
-from dinoreg.model.config import VARIANTS, ViTConfig
+from dinoreg.model.config import VARIANTS, ConfigError, ViTConfig
 from dinoreg.model.vit import RegistersViT
 
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# the hub's rule: org/name, each part starting and ending with a letter or digit
+_REPO_ID = re.compile(r"^[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?/[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?$")
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json"]
 
@@ -47,36 +51,74 @@ class ModelInfo:
     sha256: str
     files: tuple[str, ...]
     labels: tuple[str, ...] | None  # class names from the checkpoint, when it has real ones
+    family: str = "dinov2_with_registers"  # or "dinov2": which release the weights belong to
 
 
 def known_aliases() -> list[str]:
     return list(VARIANTS)
 
 
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(Path(name).name, known_aliases(), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def _looks_like_path(name: str) -> bool:
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return any(s in name for s in seps) or name.startswith((".", "~"))
+
+
 def resolve(name: str) -> WeightSource:
-    """Find the weight files for a model name, downloading them into the HF cache if needed."""
+    """Find the weight files for a model name, downloading them into the HF cache if needed.
+
+    A name spelled exactly like a known alias (`small`, `dinov2-base`, ...; aliases never hold a
+    path separator) is always that alias, even when a file or folder of that name sits in the
+    working directory; write it as a path (`./small`, `small/` or absolute) to load the folder.
+    Anything else is an existing directory or file, then a hub repo id (`org/name`).
+    """
+    if name in VARIANTS:
+        return _from_hub(name, VARIANTS[name].repo_id)
     path = Path(name).expanduser()
     if path.is_dir():
         return _local_dir(name, path)
     if path.is_file():
         sibling = path.parent / "config.json"
         return WeightSource(name, (path,), sibling if sibling.is_file() else None)
-    if name in VARIANTS:
-        return _from_hub(name, VARIANTS[name].repo_id)
-    if _REPO_ID.match(name) and path.suffix.lower() not in _WEIGHT_SUFFIXES:
+    repo_like = _REPO_ID.match(name) and ".." not in name and "--" not in name
+    if repo_like and path.suffix.lower() not in _WEIGHT_SUFFIXES:
         return _from_hub(name, name)
-    if path.suffix.lower() in _WEIGHT_SUFFIXES or "/" in name or name.startswith("."):
-        raise WeightsError(f"Model file {name} does not exist; check the path.")
+    if path.suffix.lower() in _WEIGHT_SUFFIXES or _looks_like_path(name):
+        raise WeightsError(
+            f"Model path {name} does not exist and is not a model name{_did_you_mean(name)}; "
+            "check the path."
+        )
     raise WeightsError(
-        f"Unknown model {name!r}; use one of {', '.join(known_aliases())}, "
+        f"Unknown model {name!r}{_did_you_mean(name)}; use one of {', '.join(known_aliases())}, "
         "a hub repo id (org/name), a local directory or a .safetensors/.pth file."
     )
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard files a `*.safetensors.index.json` lists, or one WeightsError."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, ValueError, AttributeError) as exc:
+        reason = _short(exc) if not isinstance(exc, AttributeError) else "not a JSON object"
+        raise WeightsError(
+            f"Shard index {index} is not a valid index ({reason}); download it again or delete it."
+        ) from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightsError(
+            f"Shard index {index} has no usable weight_map (tensor name -> shard file); "
+            "download it again or delete it."
+        )
+    return sorted(set(weight_map.values()))
 
 
 def _local_dir(name: str, path: Path) -> WeightSource:
     index = sorted(path.glob("*.safetensors.index.json"))
     if index:
-        shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+        shards = _shard_names(index[0])
         files = tuple(path / s for s in shards)
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -99,6 +141,7 @@ def _from_hub(name: str, repo_id: str) -> WeightSource:
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
@@ -110,10 +153,16 @@ def _from_hub(name: str, repo_id: str) -> WeightSource:
             f"Hub repository {repo_id} was not found or is not accessible; check the name "
             f"(known aliases: {', '.join(known_aliases())})."
         ) from None
+    except HFValidationError:
+        raise WeightsError(
+            f"Model {name} is neither an existing path nor a valid hub repo id or model name"
+            f"{_did_you_mean(name)}; check the spelling."
+        ) from None
     except LocalEntryNotFoundError:
         raise WeightsError(
             f"Weights for {repo_id} are not in the local Hugging Face cache and could not be "
-            "downloaded (offline or no network); connect once, or pass a local file with --model."
+            "downloaded (offline or no network); connect once, or give a local directory or "
+            "weight file as the model."
         ) from None
     except (HfHubHTTPError, OSError) as exc:
         raise WeightsError(
@@ -140,8 +189,56 @@ def is_cached(repo_id: str) -> bool:
 # -- reading files ----------------------------------------------------------------------------
 
 
+# leading bytes of files people pass by mistake; none of them can hold a checkpoint
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"GIF87a", "a GIF image"),
+    (b"GIF89a", "a GIF image"),
+    (b"BM", "a BMP image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file"),
+    (b"\x93NUMPY", "a NumPy array file"),
+    (b"%PDF", "a PDF document"),
+    (b"\x1f\x8b", "a gzip archive"),
+)
+
+
+def describe_file(path: Path) -> str | None:
+    """What a file that failed to load as weights really is ("a JPEG image", "a zip archive",
+    "a text file"), from its first bytes; None when it looks like none of the usual suspects."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if not head:
+        return "an empty file"
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "a WebP image"
+    if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):
+        return "an HEIF/AVIF image"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive"  # torch's own format is a zip too; the caller tells them apart
+    if b"\x00" not in head:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.start < len(head) - 4:  # not just a character cut at the 4 KiB boundary
+                return None
+        return "a text file"
+    return None
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of one weight file; pickles only through torch.load(weights_only=True)."""
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise WeightsError(f"Weight file {path} {what}; check the path.")
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
@@ -149,12 +246,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise WeightsError(
-            f"{path} holds pickled Python objects, which dinoreg refuses to load for safety; "
-            "save its state_dict (tensors only) or convert it to .safetensors."
-        ) from None
     except Exception as exc:
+        kind = describe_file(path)
+        if kind == "a zip archive" and isinstance(exc, pickle.UnpicklingError):
+            kind = None  # torch's zip format, refused by weights_only below
+        if kind is not None:
+            raise WeightsError(
+                f"{path} is {kind}, not a checkpoint; give a .safetensors or .pth weight file, "
+                "a model directory or a model name as the model."
+            ) from None
+        if isinstance(exc, pickle.UnpicklingError):
+            raise WeightsError(
+                f"{path} holds pickled Python objects, which dinoreg refuses to load for "
+                "safety; save its state_dict (tensors only) or convert it to .safetensors."
+            ) from None
         raise WeightsError(
             f"{path} could not be read as a weight file ({_short(exc)}); it may be corrupt or "
             "incomplete, so download it again."
@@ -200,27 +305,45 @@ def load_weights(name: str) -> tuple[RegistersViT, ModelInfo]:
     if layout is None:
         sample = ", ".join(sorted(raw)[:4]) or "no tensors"
         raise WeightsError(
-            f"{what} is not a DINOv2-with-registers checkpoint in the HF, original or timm layout "
-            f"(its keys start {sample}); pass a backbone weight file."
+            f"{what} is not a DINOv2-with-registers checkpoint (nor a plain DINOv2 one) in the "
+            f"HF, original or timm layout (its keys start {sample}); give a backbone weight file."
         )
     try:
         sd = layouts.to_ours(raw, layout)
-    except KeyError as exc:
+    except (KeyError, ValueError) as exc:
         raise WeightsError(f"{what} looks like a {layout} checkpoint but {exc.args[0]}.") from None
     hf_config = _read_hf_config(source) if layout == "hf" else None
     try:
-        cfg = layouts.hf_config(hf_config, sd) if hf_config else layouts.infer_config(sd)
+        if hf_config is not None:
+            cfg = layouts.hf_config(hf_config, sd)
+        else:
+            cfg = layouts.infer_config(sd, layouts.detect_family(raw, layout))
+    except ConfigError as exc:
+        if hf_config is not None:
+            raise WeightsError(
+                f"{source.config_file}: {exc}; correct that value in the file or replace it "
+                "with the model's original config.json."
+            ) from None
+        raise WeightsError(
+            f"{what} looks like a {layout} checkpoint but its tensors give {exc}; use an "
+            "unmodified DINOv2 checkpoint (with or without registers)."
+        ) from None
     except (KeyError, ValueError) as exc:
         raise WeightsError(
             f"{what} looks like a {layout} checkpoint but its configuration is unusable "
-            f"({_short(exc)}); use an unmodified dinov2-with-registers checkpoint."
+            f"({_short(exc)}); use an unmodified DINOv2 checkpoint (with or without registers)."
         ) from None
+    # shapes are checked on a skeleton with no storage, so a config that disagrees with the
+    # weights fails here instead of allocating what it asks for
+    with torch.device("meta"):
+        skeleton = RegistersViT(cfg)
+    check_keys(skeleton, sd, what, layout, cfg)
     model = RegistersViT(cfg)
-    check_keys(model, sd, what, layout, cfg)
     model.load_state_dict(sd, strict=True)
     labels = _labels(hf_config) if hf_config else None
     sha = "+".join(file_sha256(f) for f in source.files)
-    info = ModelInfo(source.name, layout, sha, tuple(str(f) for f in source.files), labels)
+    files = tuple(str(f) for f in source.files)
+    info = ModelInfo(source.name, layout, sha, files, labels, cfg.family)
     return model, info
 
 
@@ -228,9 +351,15 @@ def _read_hf_config(source: WeightSource) -> dict | None:
     if source.config_file is None:
         return None
     try:
-        return json.loads(source.config_file.read_text())
+        config = json.loads(source.config_file.read_text())
     except (OSError, ValueError) as exc:
         raise WeightsError(f"{source.config_file} is not valid JSON ({_short(exc)}).") from None
+    if not isinstance(config, dict):
+        raise WeightsError(
+            f"{source.config_file} holds a JSON {type(config).__name__}, not an object of "
+            "settings; replace it with the model's original config.json."
+        )
+    return config
 
 
 def _labels(config: Mapping) -> tuple[str, ...] | None:
@@ -267,9 +396,9 @@ def check_keys(
     if problems:
         shape = f"dim {cfg.dim}, {cfg.depth} blocks, {cfg.num_registers} registers"
         raise WeightsError(
-            f"{what} looks like a {layout} checkpoint but does not fit a registers ViT ({shape}): "
+            f"{what} looks like a {layout} checkpoint but does not fit a DINOv2 ViT ({shape}): "
             + "; ".join(problems)
-            + ". Use an unmodified dinov2-with-registers checkpoint."
+            + "; use an unmodified DINOv2 checkpoint (with or without registers)."
         )
 
 
@@ -283,6 +412,9 @@ def _listing(keys: list[str], limit: int = 6) -> str:
 
 def attach_head(model: RegistersViT, path: Path) -> RegistersViT:
     """Put an original `*_linear_head.pth` / `*_linear4_head.pth` head on a backbone."""
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise WeightsError(f"Head file {path} {what}; check the path.")
     sd = read_state_dict(path)
     weight, bias = sd.get("weight"), sd.get("bias")
     if weight is None or bias is None or weight.ndim != 2 or set(sd) != {"weight", "bias"}:
@@ -327,6 +459,7 @@ def load_model(
             info.sha256 + "+" + file_sha256(Path(head)),
             (*info.files, str(head)),
             None,
+            info.family,
         )
     model.info = info
     model.eval().requires_grad_(False)
