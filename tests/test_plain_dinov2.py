@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import Tiny, make_hf, max_diff, our_sequence, pixels, randomize, timm_state_dict
 from safetensors.torch import load_file, save_file
 
 import dinoreg
 from dinoreg.model.config import PLAIN_FAMILY, REGISTERS_FAMILY, VARIANTS
-from dinoreg.model.vit import RegistersViT
 
 TOL = 1e-5
 SIZES = [(224, 224), (518, 518), (98, 154), (224, 308), (560, 560), (70, 42)]
@@ -97,32 +95,6 @@ def plain_original_state_dict(tiny: Tiny) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in out.items()}
 
 
-def _resize_honouring_family(self: RegistersViT, h: int, w: int) -> torch.Tensor:
-    """RegistersViT._resize_pos_embed with the one change vit.py needs (antialias from the
-    config; see the report of the plain-DINOv2 work). Identical to vit.py once it has it."""
-    g = self.cfg.pos_grid
-    cls_pos, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-    d = grid.shape[-1]
-    grid = grid.reshape(1, g, g, d).permute(0, 3, 1, 2)
-    with torch.autocast(grid.device.type, enabled=False):
-        grid = F.interpolate(
-            grid.float(),
-            size=(h, w),
-            mode="bicubic",
-            align_corners=False,
-            antialias=self.cfg.pos_antialias,
-        ).to(self.pos_embed.dtype)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, d)
-    return torch.cat([cls_pos, grid], dim=1)
-
-
-@pytest.fixture
-def family_resize(monkeypatch):
-    """vit.py (not ours to edit) resizes every family with antialias; until it reads
-    `cfg.pos_antialias`, parity at resized grids runs with that one line changed."""
-    monkeypatch.setattr(RegistersViT, "_resize_pos_embed", _resize_honouring_family)
-
-
 @pytest.fixture(scope="module")
 def tinies(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plain")
@@ -141,7 +113,7 @@ def wide(tmp_path_factory):
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("swiglu", [False, True], ids=["mlp", "swiglu"])
-def test_hf_dinov2_matches_transformers(tinies, swiglu, size, family_resize):
+def test_hf_dinov2_matches_transformers(tinies, swiglu, size):
     tiny = tinies[swiglu]
     model = dinoreg.load_model(str(tiny.path))
     assert model.cfg.num_registers == 0 and model.cfg.family == PLAIN_FAMILY
@@ -164,12 +136,8 @@ def test_native_grid_needs_no_resize(tinies):
         assert max_diff(our_sequence(model.forward_features(x)), reference(tiny, x)) <= TOL
 
 
-@pytest.mark.xfail(
-    strict=True, reason="vit.py must pass antialias=self.cfg.pos_antialias (see report)"
-)
 def test_vit_resizes_plain_positions_like_transformers(tinies):
-    """Without the fixture: fails until vit.py reads the config; then drop the xfail and the
-    `family_resize` fixture."""
+    """Plain checkpoints resize positions without antialias, as transformers' Dinov2Model."""
     tiny = tinies[False]
     model = dinoreg.load_model(str(tiny.path))
     x = pixels(224, 224)
@@ -190,7 +158,7 @@ def test_registers_family_keeps_antialias(tmp_path):
         assert max_diff(our_sequence(model.forward_features(x)), ref) <= TOL
 
 
-def test_hf_classifier_logits_match(tmp_path, family_resize):
+def test_hf_classifier_logits_match(tmp_path):
     tiny = make_plain(tmp_path, num_labels=7, seed=9)
     model = dinoreg.load_model(str(tiny.path))
     assert model.cfg.head == "linear" and model.cfg.num_labels == 7
@@ -204,7 +172,7 @@ def test_hf_classifier_logits_match(tmp_path, family_resize):
     assert feats.shape == (2, 64)  # [CLS, mean of the patch tokens]
 
 
-def test_single_hf_file_without_config_is_plain(wide, tmp_path, family_resize):
+def test_single_hf_file_without_config_is_plain(wide, tmp_path):
     tiny = wide[False]
     path = tmp_path / "weights.safetensors"
     path.write_bytes((tiny.path / "model.safetensors").read_bytes())
@@ -219,7 +187,7 @@ def test_single_hf_file_without_config_is_plain(wide, tmp_path, family_resize):
 
 
 @pytest.mark.parametrize("swiglu", [False, True], ids=["mlp", "swiglu"])
-def test_original_and_timm_layouts_match(wide, tmp_path, swiglu, family_resize):
+def test_original_and_timm_layouts_match(wide, tmp_path, swiglu):
     tiny = wide[swiglu]
     original = plain_original_state_dict(tiny)
     assert "register_tokens" not in original

@@ -95,7 +95,8 @@ class RegistersViT(nn.Module):
 
     def interpolate_pos_embed(self, h: int, w: int) -> torch.Tensor:
         """Position table for an h x w patch grid: (1, 1 + h*w, D), CLS row first."""
-        return self._positions.get(self.pos_embed, self.cfg.pos_grid, h, w)
+        cfg = self.cfg
+        return self._positions.get(self.pos_embed, cfg.pos_grid, h, w, cfg.pos_antialias)
 
     def prepare_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Pixels (B, 3, H, W) -> tokens [CLS, R registers, h*w patches] (B, 1 + R + h*w, D).
