@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 import dinoreg
 from dinoreg.errors import WeightsError
 from dinoreg.model import config as config_module
-from dinoreg.model import layouts, weights
+from dinoreg.model import files, layouts, sources, weights
 from dinoreg.model.config import ConfigError, ViTConfig
 
 FAST_S = 5.0  # every failure here takes well under a second; an allocation or a loop would not
@@ -213,7 +213,7 @@ def test_near_miss_aliases_are_suggested(tmp_path, monkeypatch):
 def test_invalid_repo_id_reaching_the_hub_is_a_weights_error():
     # huggingface_hub validates ids before any network; its HFValidationError must not leak
     with pytest.raises(WeightsError, match=r"neither an existing path nor a valid hub repo id"):
-        weights._from_hub("x" * 120 + "/y", "x" * 120 + "/y")
+        sources._from_hub("x" * 120 + "/y", "x" * 120 + "/y")
 
 
 def test_exact_alias_wins_over_a_folder_of_that_name(tiny_dir, tmp_path, monkeypatch):
@@ -221,18 +221,18 @@ def test_exact_alias_wins_over_a_folder_of_that_name(tiny_dir, tmp_path, monkeyp
     shutil.copytree(tiny_dir.path, tmp_path / "small")
     hub_calls = []
 
-    def fake_hub(name: str, repo_id: str) -> weights.WeightSource:
+    def fake_hub(name: str, repo_id: str) -> sources.WeightSource:
         hub_calls.append(repo_id)
-        return weights.WeightSource(name, (), None, repo_id)
+        return sources.WeightSource(name, (), None, repo_id)
 
-    monkeypatch.setattr(weights, "_from_hub", fake_hub)
-    assert weights.resolve("small").repo_id == "facebook/dinov2-with-registers-small"
-    assert weights.resolve("dinov2-small").repo_id == "facebook/dinov2-small"
+    monkeypatch.setattr(sources, "_from_hub", fake_hub)
+    assert sources.resolve("small").repo_id == "facebook/dinov2-with-registers-small"
+    assert sources.resolve("dinov2-small").repo_id == "facebook/dinov2-small"
     for as_path in ("./small", "small/", str(tmp_path / "small")):
-        source = weights.resolve(as_path)
+        source = sources.resolve(as_path)
         assert source.repo_id is None and source.files[0].parent.name == "small", as_path
     assert hub_calls == ["facebook/dinov2-with-registers-small", "facebook/dinov2-small"]
-    assert "path" in weights.resolve.__doc__ and "./small" in weights.resolve.__doc__
+    assert "path" in sources.resolve.__doc__ and "./small" in sources.resolve.__doc__
 
 
 # -- files that are not checkpoints -------------------------------------------------------------
@@ -323,6 +323,6 @@ def test_library_messages_name_no_cli_flags():
 
 def test_missing_files_in_read_state_dict(tmp_path):
     with pytest.raises(WeightsError, match="does not exist"):
-        weights.read_state_dict(tmp_path / "gone.safetensors")
+        files.read_state_dict(tmp_path / "gone.safetensors")
     with pytest.raises(WeightsError, match="is a directory"):
-        weights.read_state_dict(tmp_path)
+        files.read_state_dict(tmp_path)

@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 
 import dinoreg
 from dinoreg.errors import WeightsError
-from dinoreg.model.weights import attach_head, file_sha256
+from dinoreg.model.files import file_sha256
+from dinoreg.model.weights import attach_head
 
 TOL = 1e-5
 
@@ -140,7 +141,7 @@ def test_hub_alias_and_repo_id_load_offline_from_the_cache(tiny_dir, tmp_path):
     torch.save(pixels(224, 224), x_path)
     code = f"""
 import torch, dinoreg
-from dinoreg.model.weights import is_cached
+from dinoreg.model.sources import is_cached
 x = torch.load({str(x_path)!r})
 a = dinoreg.load_model("small")
 b = dinoreg.load_model("someone/tiny-regs")

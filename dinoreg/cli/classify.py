@@ -117,7 +117,7 @@ def _print_table(item) -> None:
 def models(json_out: JsonOpt = False) -> None:
     """Known model aliases, their hub repos and sizes, and whether each is cached locally."""
     from dinoreg.model.config import VARIANTS, count_parameters
-    from dinoreg.model.weights import is_cached
+    from dinoreg.model.sources import is_cached
 
     rows = []
     for alias, v in VARIANTS.items():
