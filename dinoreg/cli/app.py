@@ -35,16 +35,32 @@ class Format(str, Enum):
     npy = "npy"
 
 
-class DType(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+# the spellings people type, each to the one the library takes
+DTYPE_SPELLINGS = {
+    "auto": "auto",
+    "float32": "float32",
+    "fp32": "float32",
+    "f32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "f16": "float16",
+    "half": "float16",
+}
 
 
-class StoreDType(str, Enum):
-    float32 = "float32"
-    float16 = "float16"
+def dtype_choice(allowed: tuple[str, ...]):
+    """A typer callback that accepts any spelling of `allowed` dtypes, case-insensitively."""
+
+    def parse(value: str) -> str:
+        name = DTYPE_SPELLINGS.get(value.strip().lower())
+        if name not in allowed:
+            spelled = ", ".join(allowed)
+            raise typer.BadParameter(f"{value!r} is not one of {spelled} (or fp32, bf16, fp16).")
+        return name
+
+    return parse
 
 
 # -- shared options ---------------------------------------------------------------------------
@@ -52,7 +68,8 @@ class StoreDType(str, Enum):
 Inputs = Annotated[
     list[str],
     typer.Argument(
-        help="Image files, directories (recursive), glob patterns, or - for paths on stdin."
+        metavar="INPUT",
+        help="Image files, directories (recursive), glob patterns, or - for paths on stdin.",
     ),
 ]
 ModelOpt = Annotated[
@@ -77,7 +94,13 @@ ExactOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 DTypeOpt = Annotated[
-    DType, typer.Option("--dtype", help="Compute dtype; auto = bf16/fp16 on CUDA, fp32 elsewhere.")
+    str,
+    typer.Option(
+        "--dtype",
+        metavar="DTYPE",
+        callback=dtype_choice(("auto", "float32", "bfloat16", "float16")),
+        help="Compute dtype: auto, fp32, bf16, fp16; auto = bf16/fp16 on CUDA, fp32 elsewhere.",
+    ),
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
 WorkersOpt = Annotated[

@@ -16,7 +16,6 @@ from dinoreg.cli.app import (
     BatchOpt,
     CompileOpt,
     DeviceOpt,
-    DType,
     DTypeOpt,
     ExactOpt,
     ImageSizeOpt,
@@ -46,7 +45,7 @@ def classify(
     no_crop: NoCropOpt = False,
     exact_decode: ExactOpt = False,
     device: DeviceOpt = "auto",
-    dtype: DTypeOpt = DType.auto,
+    dtype: DTypeOpt = "auto",
     batch_size: BatchOpt = 16,
     workers: WorkersOpt = None,
     compile: CompileOpt = False,
@@ -60,7 +59,7 @@ def classify(
 
     recipe = Recipe.for_size(image_size, crop=not no_crop, exact_decode=exact_decode)
     compute = ComputeOptions(
-        device=device, dtype=dtype.value, batch_size=batch_size, workers=workers, compile=compile
+        device=device, dtype=dtype, batch_size=batch_size, workers=workers, compile=compile
     )
     if model == "small-imagenet1k" and head is not None:
         model = "small"  # a head file goes on a backbone

@@ -17,7 +17,6 @@ from dinoreg.cli.app import (
     BatchOpt,
     CompileOpt,
     DeviceOpt,
-    DType,
     DTypeOpt,
     ExactOpt,
     Format,
@@ -27,9 +26,9 @@ from dinoreg.cli.app import (
     ModelOpt,
     NoCropOpt,
     QuietOpt,
-    StoreDType,
     WorkersOpt,
     app,
+    dtype_choice,
 )
 
 EmbedSizeOpt = Annotated[
@@ -100,8 +99,14 @@ def embed(
         str, typer.Option("--tokens", help="Which tokens to store: any of cls,registers,patches.")
     ] = "cls,registers,patches",
     store_dtype: Annotated[
-        StoreDType, typer.Option("--store-dtype", help="Dtype on disk.")
-    ] = StoreDType.float32,
+        str,
+        typer.Option(
+            "--store-dtype",
+            metavar="DTYPE",
+            callback=dtype_choice(("float32", "float16")),
+            help="Dtype on disk: fp32 or fp16 (halves the file).",
+        ),
+    ] = "float32",
     image_size: EmbedSizeOpt = 224,
     no_crop: NoCropOpt = False,
     keep_aspect: KeepAspectOpt = False,
@@ -110,7 +115,7 @@ def embed(
     no_final_norm: NoFinalNormOpt = False,
     exact_decode: ExactOpt = False,
     device: DeviceOpt = "auto",
-    dtype: DTypeOpt = DType.auto,
+    dtype: DTypeOpt = "auto",
     batch_size: BatchOpt = 16,
     workers: WorkersOpt = None,
     compile: CompileOpt = False,
@@ -141,11 +146,11 @@ def embed(
         max_size=max_size,
     )
     compute = ComputeOptions(
-        device=device, dtype=dtype.value, batch_size=batch_size, workers=workers, compile=compile
+        device=device, dtype=dtype, batch_size=batch_size, workers=workers, compile=compile
     )
     stored = OutputOptions(
-        tokens=tuple(t.strip() for t in tokens.split(",") if t.strip()),
-        store_dtype=store_dtype.value,
+        tokens=tuple(t.strip().lower() for t in tokens.split(",") if t.strip()),
+        store_dtype=store_dtype,
         format=format.value if format else None,
         mode="overwrite" if overwrite else "resume" if resume else "new",
         layers=parse_layers(layers),
