@@ -63,6 +63,11 @@ def dtype_choice(allowed: tuple[str, ...]):
     return parse
 
 
+def examples(*commands: str) -> str:
+    """A help epilog: the commands, one per paragraph (rich help keeps paragraphs apart)."""
+    return "Examples:\n\n" + "\n\n".join(f"  {c}" for c in commands)
+
+
 # -- shared options ---------------------------------------------------------------------------
 
 Inputs = Annotated[
@@ -75,7 +80,11 @@ Inputs = Annotated[
 ModelOpt = Annotated[
     str,
     typer.Option(
-        "--model", "-m", help="Alias (see `dinoreg models`), hub repo id, directory or weight file."
+        "--model",
+        "-m",
+        help="Alias (see `dinoreg models`), hub repo id, directory or weight file.",
+        rich_help_panel="Model",
+        metavar="NAME",
     ),
 ]
 ImageSizeOpt = Annotated[
@@ -83,16 +92,37 @@ ImageSizeOpt = Annotated[
     typer.Option(
         "--image-size",
         help="Crop size, a multiple of 14; the short side goes to size*256/224 first.",
+        rich_help_panel="Preprocessing",
+        metavar="N",
     ),
 ]
 NoCropOpt = Annotated[
-    bool, typer.Option("--no-crop", help="Resize the whole image to size x size, no crop.")
+    bool,
+    typer.Option(
+        "--no-crop",
+        help="Resize the whole image to size x size, no crop.",
+        rich_help_panel="Preprocessing",
+        metavar="",
+    ),
 ]
 ExactOpt = Annotated[
     bool,
-    typer.Option("--exact-decode", help="Decode large JPEGs at full size (slower; see README)."),
+    typer.Option(
+        "--exact-decode",
+        help="Decode large JPEGs at full size (slower; see README).",
+        rich_help_panel="Preprocessing",
+        metavar="",
+    ),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="auto, cpu, cuda, cuda:N or mps.",
+        rich_help_panel="Compute",
+        metavar="DEVICE",
+    ),
+]
 DTypeOpt = Annotated[
     str,
     typer.Option(
@@ -100,20 +130,44 @@ DTypeOpt = Annotated[
         metavar="DTYPE",
         callback=dtype_choice(("auto", "float32", "bfloat16", "float16")),
         help="Compute dtype: auto, fp32, bf16, fp16; auto = bf16/fp16 on CUDA, fp32 elsewhere.",
+        rich_help_panel="Compute",
     ),
 ]
-BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
+BatchOpt = Annotated[
+    int,
+    typer.Option(
+        "--batch-size",
+        "-b",
+        min=1,
+        help="Images per batch.",
+        rich_help_panel="Compute",
+        metavar="N",
+    ),
+]
 WorkersOpt = Annotated[
     int | None,
     typer.Option(
-        "--workers", "-j", min=0, help="Decode worker processes (default: from the cores)."
+        "--workers",
+        "-j",
+        min=0,
+        help="Decode worker processes (default: from the cores).",
+        rich_help_panel="Compute",
+        metavar="N",
     ),
 ]
 CompileOpt = Annotated[
-    bool, typer.Option("--compile", help="torch.compile the model (pays off on long GPU runs).")
+    bool,
+    typer.Option(
+        "--compile",
+        help="torch.compile the model (pays off on long GPU runs).",
+        rich_help_panel="Compute",
+        metavar="",
+    ),
 ]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line.")]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bar or summary.", metavar="")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line.", metavar="")]
 
 
 def _version(value: bool) -> None:
@@ -125,7 +179,10 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version.", metavar=""
+        ),
     ] = False,
 ) -> None:
     """DINOv2-with-registers features and ImageNet labels for images."""

@@ -26,19 +26,31 @@ from dinoreg.cli.app import (
     QuietOpt,
     WorkersOpt,
     app,
+    examples,
+)
+
+_CLASSIFY_EXAMPLES = examples(
+    "dinoreg classify cat.jpg",
+    "dinoreg classify ./photos -k 3 --json",
+    "dinoreg classify ./photos | sort -t$'\\t' -k5 -gr",
 )
 
 
-@app.command()
+@app.command(epilog=_CLASSIFY_EXAMPLES)
 def classify(
     inputs: Inputs,
     model: ModelOpt = "small-imagenet1k",
     head: Annotated[
         Path | None,
-        typer.Option("--head", help="Original *_linear_head.pth or *_linear4_head.pth on --model."),
+        typer.Option(
+            "--head",
+            help="Original *_linear_head.pth or *_linear4_head.pth on --model.",
+            rich_help_panel="Model",
+            metavar="PATH",
+        ),
     ] = None,
     top_k: Annotated[
-        int, typer.Option("--top-k", "-k", min=1, help="How many classes per image.")
+        int, typer.Option("--top-k", "-k", min=1, help="How many classes per image.", metavar="K")
     ] = 5,
     json_out: JsonOpt = False,
     image_size: ImageSizeOpt = 224,
@@ -106,56 +118,4 @@ def _print_table(item) -> None:
     table.add_column("prob", justify="right")
     for p in item.top:
         table.add_row(str(p.rank), p.label, f"{p.prob:.1%}")
-    Console().print(table)
-
-
-# -- models and info --------------------------------------------------------------------------
-
-
-@app.command()
-def models(json_out: JsonOpt = False) -> None:
-    """Known model aliases, their hub repos and sizes, and whether each is cached locally."""
-    from dinoreg.model.config import VARIANTS, count_parameters
-    from dinoreg.model.sources import is_cached
-
-    rows = []
-    for alias, v in VARIANTS.items():
-        params = count_parameters(v.config)
-        rows.append(
-            {
-                "alias": alias,
-                "repo_id": v.repo_id,
-                "params": params,
-                "download_bytes": params * 4,
-                "for": v.purpose,
-                "cached": is_cached(v.repo_id),
-            }
-        )
-    if json_out:
-        for row in rows:
-            print(json.dumps(row))
-        return
-    if not sys.stdout.isatty():
-        for r in rows:
-            print(
-                "\t".join(
-                    str(r[k])
-                    for k in ("alias", "repo_id", "params", "download_bytes", "for", "cached")
-                )
-            )
-        return
-    from rich.table import Table
-
-    table = Table(show_edge=False)
-    for col in ("alias", "hub repo", "params", "download", "for", "cached"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
-            r["alias"],
-            r["repo_id"],
-            f"{r['params'] / 1e6:.1f} M",
-            output.human_bytes(r["download_bytes"]),
-            r["for"],
-            "yes" if r["cached"] else "no",
-        )
     Console().print(table)

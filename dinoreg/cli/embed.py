@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -22,13 +20,13 @@ from dinoreg.cli.app import (
     Format,
     Inputs,
     Invocation,
-    JsonOpt,
     ModelOpt,
     NoCropOpt,
     QuietOpt,
     WorkersOpt,
     app,
     dtype_choice,
+    examples,
 )
 
 EmbedSizeOpt = Annotated[
@@ -37,6 +35,8 @@ EmbedSizeOpt = Annotated[
         "--image-size",
         help="Crop size, a multiple of 14 (the short side goes to size*256/224 first); "
         "with --keep-aspect, the short side.",
+        rich_help_panel="Preprocessing",
+        metavar="N",
     ),
 ]
 KeepAspectOpt = Annotated[
@@ -45,12 +45,17 @@ KeepAspectOpt = Annotated[
         "--keep-aspect",
         help="No crop: short side to --image-size, long side capped at --max-size, both "
         "multiples of 14; patches stored per image with their grid, rows grouped by grid.",
+        rich_help_panel="Preprocessing",
+        metavar="",
     ),
 ]
 MaxSizeOpt = Annotated[
     int | None,
     typer.Option(
-        "--max-size", help="With --keep-aspect: cap on the long side (default 2 * --image-size)."
+        "--max-size",
+        help="With --keep-aspect: cap on the long side (default 2 * --image-size).",
+        rich_help_panel="Preprocessing",
+        metavar="N",
     ),
 ]
 LayersOpt = Annotated[
@@ -59,11 +64,18 @@ LayersOpt = Annotated[
         "--layers",
         help="Store these blocks instead of the final output, as layers/<block>/<token>; "
         "indices like -4,-3,-2,-1 (from the end) or 8,11.",
+        rich_help_panel="Dense features",
+        metavar="LIST",
     ),
 ]
 NoFinalNormOpt = Annotated[
     bool,
-    typer.Option("--no-final-norm", help="With --layers: store blocks before the final norm."),
+    typer.Option(
+        "--no-final-norm",
+        help="With --layers: store blocks before the final norm.",
+        rich_help_panel="Dense features",
+        metavar="",
+    ),
 ]
 
 
@@ -84,19 +96,40 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
         ) from None
 
 
-@app.command()
+_EMBED_EXAMPLES = examples(
+    "dinoreg embed ./photos --out feats.h5",
+    "find /data -name '*.jpg' | dinoreg embed - -o feats/ --tokens cls --store-dtype fp16",
+    "dinoreg embed ./photos -o feats.h5 --resume   (create, continue, or do nothing)",
+)
+
+
+@app.command(epilog=_EMBED_EXAMPLES)
 def embed(
     ctx: typer.Context,
     inputs: Inputs,
     out: Annotated[
-        str, typer.Option("--out", "-o", help="Output: x.h5, or a directory (dir/) for .npy files.")
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output: x.h5, or a directory (dir/) for .npy files.",
+            rich_help_panel="Output",
+            metavar="PATH",
+        ),
     ],
     model: ModelOpt = "small",
     format: Annotated[
-        Format | None, typer.Option("--format", help="h5 or npy (default: from --out).")
+        Format | None,
+        typer.Option("--format", help="h5 or npy (default: from --out).", rich_help_panel="Output"),
     ] = None,
     tokens: Annotated[
-        str, typer.Option("--tokens", help="Which tokens to store: any of cls,registers,patches.")
+        str,
+        typer.Option(
+            "--tokens",
+            help="Which tokens to store: any of cls,registers,patches.",
+            rich_help_panel="Output",
+            metavar="LIST",
+        ),
     ] = "cls,registers,patches",
     store_dtype: Annotated[
         str,
@@ -105,6 +138,7 @@ def embed(
             metavar="DTYPE",
             callback=dtype_choice(("float32", "float16")),
             help="Dtype on disk: fp32 or fp16 (halves the file).",
+            rich_help_panel="Output",
         ),
     ] = "float32",
     image_size: EmbedSizeOpt = 224,
@@ -120,10 +154,16 @@ def embed(
     workers: WorkersOpt = None,
     compile: CompileOpt = False,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing output.")
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace an existing output.", rich_help_panel="Output", metavar=""
+        ),
     ] = False,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue an interrupted output.")
+        bool,
+        typer.Option(
+            "--resume", help="Continue an interrupted output.", rich_help_panel="Output", metavar=""
+        ),
     ] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -191,57 +231,3 @@ def _resume_command(ctx: typer.Context) -> str:
     if "-" in args:
         text += "   (feed the same paths on stdin again)"
     return text
-
-
-# -- classify ---------------------------------------------------------------------------------
-
-
-@app.command()
-def info(
-    file: Annotated[
-        Path, typer.Argument(help="An output of `dinoreg embed` (.h5 or .npy directory).")
-    ],
-    json_out: JsonOpt = False,
-) -> None:
-    """What an output holds: datasets and shapes, model, recipe, complete or not, failures."""
-    from dinoreg.output.reader import inspect_output
-
-    about = inspect_output(file)
-    if json_out:
-        from dataclasses import asdict
-
-        print(json.dumps(asdict(about), ensure_ascii=False, default=str))
-        return
-    state = "complete" if about.complete else "INCOMPLETE: continue it with embed --resume"
-    lines = [
-        f"{about.path}  ({about.format}, {state})",
-        f"rows       {about.rows}",
-        f"failures   {len(about.failures)}",
-    ]
-    meta = about.meta
-    for key in (
-        "model",
-        "weights_sha256",
-        "image_size",
-        "keep_aspect",
-        "grid",
-        "layers",
-        "final_norm",
-        "compute_dtype",
-        "store_dtype",
-        "tokens",
-        "dinoreg_version",
-        "created",
-    ):
-        if key in meta:
-            lines.append(f"{key:<10} {meta[key]}")
-    if "recipe" in meta:
-        lines.append(f"recipe     {json.dumps(meta['recipe'])}")
-    lines.append("datasets")
-    for name, (shape, dt) in about.datasets.items():
-        lines.append(f"  {name:<16} {tuple(shape)!s:<24} {dt}")
-    for path, reason in about.failures[:20]:
-        lines.append(f"  failed: {path}: {reason}")
-    if len(about.failures) > 20:
-        lines.append(f"  ... and {len(about.failures) - 20} more failures")
-    print("\n".join(lines))

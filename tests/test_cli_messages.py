@@ -1,0 +1,108 @@
+"""What the CLI prints and returns around the results: user text printed literally, parameter
+names turned into flags, dtype spellings, closed pipes, the model table, signal handlers."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
+
+import h5py
+import pytest
+from conftest import EXAMPLES, make_hf
+
+from dinoreg.cli.app import as_flags, main
+
+
+def run_cli(capsys, monkeypatch, *args: str, stdin: str = "") -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    with pytest.raises(SystemExit) as done:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return done.value.code, out, err
+
+
+def test_a_path_that_looks_like_markup_is_reported_as_itself(
+    capsys, monkeypatch, tmp_path, tiny_dir
+):
+    photos = tmp_path / "photos"
+    (photos / "[").mkdir(parents=True)
+    shutil.copy(EXAMPLES / "chelsea.jpg", photos / "[bold]draft.jpg")
+    (photos / "[" / "x].jpg").write_bytes(b"not an image")  # the path reads [/x].jpg
+    out = tmp_path / "f.h5"
+    code, _, err = run_cli(
+        capsys, monkeypatch, "embed", photos, "-o", out, "-m", tiny_dir.path, "-j", "0"
+    )
+    assert code == 3, err
+    assert f"skipped {photos}/[/x].jpg: not an image" in err
+    with h5py.File(out) as f:
+        assert f.attrs["complete"]
+        assert [p.decode() for p in f["paths"]] == [f"{photos}/[bold]draft.jpg"]
+
+
+def test_dtype_spellings_and_token_case(capsys, monkeypatch, tmp_path, tiny_dir):
+    out = tmp_path / "f.h5"
+    args = ["embed", EXAMPLES / "chelsea.jpg", "-o", out, "-m", tiny_dir.path, "-j", "0"]
+    code, _, err = run_cli(
+        capsys, monkeypatch, *args, "--dtype", "BF16", "--store-dtype", "fp16", "--tokens", "CLS"
+    )
+    assert code == 0, err
+    with h5py.File(out) as f:
+        assert f.attrs["compute_dtype"] == "bfloat16"
+        assert f["cls"].dtype == "float16" and "patches" not in f
+    code, _, err = run_cli(capsys, monkeypatch, *args, "--overwrite", "--dtype", "fp64")
+    assert code == 2 and "'fp64' is not one of auto, float32, bfloat16, float16" in err
+
+
+def test_library_parameter_names_become_flags():
+    message = "batch_size must be at least 1; pass overwrite=True or resume=True, not head."
+    assert as_flags(message, ("batch_size", "overwrite", "resume")) == (
+        "--batch-size must be at least 1; pass --overwrite or --resume, not head."
+    )
+    # names only where the error lists them, and whole words only
+    assert as_flags("the output_dir of out", ("out",)) == "the output_dir of --out"
+
+
+def test_a_closed_pipe_ends_quietly_with_exit_0(tmp_path):
+    classifier = make_hf(tmp_path, num_labels=1000, seed=3)
+    cmd = [sys.executable, "-m", "dinoreg", "classify", str(EXAMPLES), "-m", str(classifier.path)]
+    shell = " ".join(f"'{c}'" for c in cmd) + ' -j 0 | head -1; echo "rc=${PIPESTATUS[0]}"'
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and lines[1] == "rc=0", (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr and "Broken pipe" not in done.stderr
+
+
+def test_models_never_cut_what_must_be_copied(capsys, monkeypatch):
+    code, out, _ = run_cli(capsys, monkeypatch, "models")
+    lines = out.splitlines()
+    assert code == 0
+    assert lines[0].split("\t") == [
+        "alias",
+        "family",
+        "repo_id",
+        "params",
+        "download_bytes",
+        "for",
+        "cached",
+    ]
+    rows = {line.split("\t")[0]: line.split("\t") for line in lines[1:]}
+    assert rows["small"][2] == "facebook/dinov2-with-registers-small"
+    assert rows["dinov2-small"][1:3] == ["dinov2", "facebook/dinov2-small"]
+    code, out, _ = run_cli(capsys, monkeypatch, "models", "--json")
+    assert json.loads(out.splitlines()[0])["repo_id"] == "facebook/dinov2-with-registers-small"
+
+
+def test_the_cli_restores_the_sigterm_handler(capsys, monkeypatch):
+    def mine(signum, frame) -> None:
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        run_cli(capsys, monkeypatch, "models", "--json")
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
