@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 
 import pytest
 import torch
@@ -208,3 +209,19 @@ def test_gradients_flow_when_asked(tiny_dir):
     out = model.forward_features(pixels(98, 154))
     out.cls.sum().backward()
     assert model.pos_embed.grad is not None and model.blocks[0].mlp.fc1.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("x", "words"),
+    [
+        (torch.zeros(1, 3, 224, 224, dtype=torch.uint8), "normalised floats"),
+        (torch.zeros(1, 3, 225, 224), "225x224 (h x w), not multiples of the patch size 14"),
+        (torch.zeros(3, 224, 224), "(batch, 3, height, width)"),
+    ],
+)
+def test_pixels_that_would_run_silently_wrong_are_refused(tiny_dir, x, words):
+    from dinoreg.errors import UsageError
+
+    model = dinoreg.load_model(str(tiny_dir.path))
+    with pytest.raises(UsageError, match=re.escape(words)):
+        model.forward_features(x)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dinoreg.errors import UsageError
 from dinoreg.model.config import ViTConfig
 from dinoreg.model.layers import Block, LayerNorm, PatchEmbed
 from dinoreg.model.positions import PositionTables
@@ -139,6 +140,7 @@ class RegistersViT(nn.Module):
     ) -> Features:
         """The one forward pass: final tokens, the tokens of `layers` (final-normed if `norm`),
         and with `cls_attention` the last block's attention from CLS to every token."""
+        self.check_pixels(pixels)
         want = tuple(sorted({self.block_index(i) for i in layers}))
         b = pixels.shape[0]
         n = self.images_per_pass(pixels)
@@ -148,6 +150,30 @@ class RegistersViT(nn.Module):
         return Features.cat(
             [self._features(p, want, norm, cls_attention) for p in pixels.split(-(-b // passes))]
         )
+
+    def check_pixels(self, pixels: torch.Tensor) -> None:
+        """Refuse what would otherwise run silently wrong: integer images, other shapes, sizes
+        that drop a remainder of the patch size."""
+        p = self.cfg.patch_size
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise UsageError(
+                f"pixels must be a (batch, 3, height, width) tensor, got shape "
+                f"{tuple(pixels.shape)}.",
+                params=("pixels",),
+            )
+        if not pixels.is_floating_point():
+            raise UsageError(
+                f"pixels must be normalised floats (dinoreg.preprocess_image gives them), not "
+                f"{str(pixels.dtype).removeprefix('torch.')}.",
+                params=("pixels",),
+            )
+        h, w = pixels.shape[-2:]
+        if h % p or w % p:
+            raise UsageError(
+                f"pixels are {h}x{w} (h x w), not multiples of the patch size {p}; resize or crop "
+                f"to {max(p, h // p * p)}x{max(p, w // p * p)} or use dinoreg.preprocess_image.",
+                params=("pixels",),
+            )
 
     def images_per_pass(self, pixels: torch.Tensor) -> int:
         """How many images go through the blocks together (all, unless `max_pass_bytes`)."""
