@@ -176,23 +176,3 @@ def plan_sizes(sizes: np.ndarray, recipe: Recipe) -> Plan:
 def plan(paths: Sequence[str], recipe: Recipe, threads: int | None = None) -> Plan:
     """Read every header (threaded) and plan the keep-aspect batches of `paths`."""
     return plan_sizes(read_sizes(paths, threads), recipe)
-
-
-class BucketBatchSampler:
-    """A DataLoader `batch_sampler` over a `Plan`: lists of indices, one grid per batch."""
-
-    def __init__(self, plan: Plan, batch_size: int, chunk: int | None = None) -> None:
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        self.plan = plan
-        self.batch_size = batch_size
-        # each batch handed out in pieces of `chunk`, so decode workers share a batch
-        self.chunk = min(chunk or batch_size, batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.plan.batches(self.batch_size):
-            for start in range(0, len(batch), self.chunk):
-                yield batch[start : start + self.chunk]
-
-    def __len__(self) -> int:
-        return sum(-(-len(b) // self.chunk) for b in self.plan.batches(self.batch_size))
