@@ -49,6 +49,8 @@ def load_image(path: str, recipe: Recipe, *, max_pixels: int = MAX_PIXELS) -> Im
     except OSError as exc:
         raise ImageDecodeError(path, f"cannot stat ({exc.strerror or exc})") from None
     if stat.S_ISDIR(info.st_mode):
+        if not os.access(path, os.R_OK | os.X_OK):  # discovery lists folders it could not read
+            raise ImageDecodeError(path, "cannot list directory (permission denied)")
         raise ImageDecodeError(path, "is a directory, not an image file")
     if not stat.S_ISREG(info.st_mode):  # opening a FIFO would block the worker
         raise ImageDecodeError(path, "not a regular file")
