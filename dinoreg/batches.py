@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils.data
 
-from dinoreg.inputs.buckets import BucketBatchSampler, Plan, plan
+from dinoreg.inputs.buckets import Plan, plan
 from dinoreg.inputs.dataset import Batch, ImageDataset, collate
 from dinoreg.inputs.recipe import Recipe
 from dinoreg.runtime import ComputeOptions
@@ -46,13 +46,10 @@ def make_loader(
     forked worker must not keep open (the output's lock, which would outlive a killed run).
     """
     workers = options.workers if options.workers is not None else default_workers(device)
+    sizes = batch_plan.sizes if batch_plan is not None else None
+    dataset = ImageDataset(paths, recipe, sizes=sizes)
     chunk = chunk_size(options.batch_size, workers)
-    if batch_plan is None:
-        dataset = ImageDataset(paths, recipe)
-        batching: dict = {"batch_size": chunk, "shuffle": False}
-    else:
-        dataset = ImageDataset(paths, recipe, sizes=batch_plan.sizes)
-        batching = {"batch_sampler": BucketBatchSampler(batch_plan, options.batch_size, chunk)}
+    sampler = PieceSampler(len(paths), options.batch_size, chunk, batch_plan)
     return torch.utils.data.DataLoader(
         dataset,
         num_workers=workers,
@@ -61,7 +58,7 @@ def make_loader(
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
         worker_init_fn=functools.partial(_close_fds, tuple(close_in_workers)),
-        **batching,
+        batch_sampler=sampler,
     )
 
 
@@ -72,6 +69,48 @@ def chunk_size(batch_size: int, workers: int) -> int:
     if workers <= 1:
         return batch_size
     return max(1, min(batch_size, -(-batch_size // workers)))
+
+
+def batch_indices(
+    count: int, batch_size: int, batch_plan: Plan | None = None
+) -> Iterator[list[int]]:
+    """Input indices of each batch: `batch_size` inputs in input order (the last one shorter),
+    or the keep-aspect plan's one-grid batches (full but for the last of each grid)."""
+    if batch_plan is not None:
+        yield from batch_plan.batches(batch_size)
+        return
+    for start in range(0, count, batch_size):
+        yield list(range(start, min(count, start + batch_size)))
+
+
+class PieceSampler:
+    """A DataLoader `batch_sampler`: each batch of `batch_indices` handed out in pieces of at
+    most `chunk` inputs, so several decode workers share one batch.
+
+    Pieces never straddle two batches: the batch loop joins a batch's pieces back together, and
+    a piece that spilled into the next batch would make the model see more than `batch_size`.
+    """
+
+    def __init__(
+        self, count: int, batch_size: int, chunk: int | None = None, batch_plan: Plan | None = None
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.count = count
+        self.batch_size = batch_size
+        self.chunk = max(1, min(chunk or batch_size, batch_size))
+        self.plan = batch_plan  # keep-aspect: one grid per batch, in the plan's order
+
+    def batches(self) -> Iterator[list[int]]:
+        return batch_indices(self.count, self.batch_size, self.plan)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches():
+            for start in range(0, len(batch), self.chunk):
+                yield batch[start : start + self.chunk]
+
+    def __len__(self) -> int:
+        return sum(-(-len(b) // self.chunk) for b in self.batches())
 
 
 def _close_fds(fds: tuple[int, ...], worker_id: int) -> None:
@@ -113,6 +152,12 @@ def run_batches(
 ) -> Iterator[BatchResult]:
     """Decode, batch and run `compute(pixels_on_device)` for each batch, in input order.
 
+    A batch is `options.batch_size` inputs, whatever the number of workers; the last batch (and,
+    with keep-aspect, the last of each grid) may be shorter. An input that fails to decode still
+    counts toward its batch but yields no row, so `compute` sees at most `batch_size` images, and
+    exactly that many when none failed. Counting inputs rather than rows keeps batch boundaries
+    independent of which files fail, which a resumed run relies on to continue batch for batch.
+
     Keep-aspect recipes first read every header and batch by patch grid (`dinoreg.buckets`):
     batches then come grouped by grid, in (grid, input index) order.
     """
@@ -121,12 +166,9 @@ def run_batches(
     batch_plan = plan(paths, recipe) if recipe.keep_aspect else None
     times.plan += time.perf_counter() - tick
     loader = make_loader(paths, recipe, options, device, batch_plan, close_in_workers)
-    # the batches the pieces add up to: fixed-size runs, or the plan's one-grid batches
-    if batch_plan is None:
-        size = options.batch_size
-        lengths = iter([size] * (len(paths) // size) + [len(paths) % size])
-    else:
-        lengths = iter([len(b) for b in batch_plan.batches(options.batch_size)])
+    # The pieces arrive in sampler order and each lies inside one batch, so a batch is complete
+    # once its pieces hold exactly its number of inputs (failed ones included).
+    lengths = (len(b) for b in batch_indices(len(paths), options.batch_size, batch_plan))
     pending: list[tuple[Batch, torch.Tensor | None]] = []  # pieces of the next batch
     target, count = next(lengths, 0), 0
     tick = time.perf_counter()
@@ -140,6 +182,8 @@ def run_batches(
         pending.append((piece, on_device))
         count += len(piece.indices) + len(piece.failures)
         if count >= target:
+            if count > target:  # the sampler's contract is broken: never run an oversized batch
+                raise RuntimeError(f"batch loop: pieces hold {count} inputs, batch has {target}")
             yield from _flush(pending, paths, compute, times)
             pending, target, count = [], next(lengths, 0), 0
         tick = time.perf_counter()

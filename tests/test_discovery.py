@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import pytest
 
 from dinoreg.errors import InputError
-from dinoreg.inputs.discover import IMAGE_SUFFIXES, discover
+from dinoreg.inputs.discover import IMAGE_SUFFIXES, Discovery, discover, find_inputs
 
 
 def touch_image(path: Path) -> Path:
@@ -98,7 +99,7 @@ def test_globs(tree: Path) -> None:
 
 
 def test_stdin_paths(tree: Path) -> None:
-    stdin = io.StringIO("photos/b.jpg\n\n   \nphotos/sub\r\nphotos/*.gif\n")
+    stdin = io.StringIO("photos/b.jpg\n\n   \nphotos/sub\r\nphotos/f.gif\n")
     assert discover(["-", "photos/e.bmp"], stdin=stdin) == [
         "photos/b.jpg",
         "photos/e.bmp",
@@ -106,6 +107,73 @@ def test_stdin_paths(tree: Path) -> None:
         "photos/sub/c.JPeG",
         "photos/sub/deeper/d.webp",
     ]
+
+
+def test_stdin_lines_are_literal_paths_never_globs(tree: Path) -> None:
+    touch_image(tree / "photos" / "x[1].jpg")
+    stdin = io.StringIO("photos/*.gif\nphotos/x[1].jpg\nphotos/b.jpg\n")
+    found = find_inputs(["-"], stdin=stdin)
+    assert found.paths == ["photos/b.jpg", "photos/x[1].jpg"]  # f.gif was never listed
+    assert found.missing == [("photos/*.gif", "no such file")]
+
+
+def test_missing_path_with_glob_characters_is_named(tree: Path) -> None:
+    found = find_inputs(["photos/b.jpg", "photo [final].jpg", "photos/*.none"])
+    assert found.paths == ["photos/b.jpg"]
+    assert found.missing == [
+        ("photo [final].jpg", "no such file or matching image file"),
+        ("photos/*.none", "no such file or matching image file"),
+    ]
+    # The list form keeps them, so decoding fails each one by name ("no such file").
+    assert discover(["photos/b.jpg", "photo [final].jpg"]) == ["photo [final].jpg", "photos/b.jpg"]
+
+
+def test_existing_name_with_glob_characters_is_taken_literally(tree: Path) -> None:
+    touch_image(tree / "photos" / "[ab].jpg")  # as a glob it would match a.jpg or b.jpg
+    assert find_inputs(["photos/[ab].jpg"]) == Discovery(["photos/[ab].jpg"], [])
+
+
+def test_unreadable_sub_folder_is_reported(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    locked = tree / "photos" / "locked"
+    touch_image(locked / "x.jpg")
+    locked.chmod(0)
+    if os.access(locked, os.R_OK):  # root reads any folder: refuse it the way the kernel would
+        scandir = os.scandir
+
+        def refuse(path):
+            if os.path.basename(os.fspath(path)) == "locked":
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return scandir(path)
+
+        monkeypatch.setattr(os, "scandir", refuse)
+    try:
+        found = find_inputs(["photos"])
+    finally:
+        locked.chmod(0o755)
+    assert "photos/b.jpg" in found.paths
+    assert found.missing == [("photos/locked", "cannot list directory (Permission denied)")]
+
+
+def test_nul_byte_on_stdin_is_a_named_bad_line(tree: Path) -> None:
+    stdin = io.StringIO("photos/b.jpg\nphotos/bad\0name.jpg\n")
+    found = find_inputs(["-"], stdin=stdin)
+    assert found.paths == ["photos/b.jpg"]
+    assert found.missing == [
+        ("stdin line 2: photos/bad\\0name.jpg", "a path cannot contain a NUL byte")
+    ]
+    with pytest.raises(InputError, match="stdin line 2"):
+        discover(["-"], stdin=io.StringIO("photos/b.jpg\nphotos/bad\0name.jpg\n"))
+
+
+def test_non_utf8_names_survive_from_walks_and_stdin(tree: Path) -> None:
+    raw = os.fsencode(str(tree / "photos")) + b"/caf\xe9.jpg"
+    with open(raw, "wb"):
+        pass
+    name = os.fsdecode(raw)  # surrogateescape: opens the same file again
+    assert "photos/" + os.path.basename(name) in discover(["photos"])
+    stdin = io.TextIOWrapper(io.BytesIO(raw + b"\n"), encoding="utf-8")
+    assert find_inputs(["-"], stdin=stdin).paths == [name]
+    assert os.path.exists(name)
 
 
 def test_missing_explicit_file_is_kept_for_the_failure_report(tree: Path) -> None:
@@ -121,7 +189,13 @@ def test_nothing_found_names_what_was_searched(tree: Path) -> None:
         discover(["nope/", "photos/*.png", "empty", "gone.jpg", "-"], stdin=io.StringIO("\n"))
     message = str(info.value)
     assert message.startswith("No images found in ")
-    for part in ("nope/", "photos/*.png (pattern", "empty (a directory", "gone.jpg", "stdin"):
+    for part in (
+        "nope/",
+        "photos/*.png (no such file or",
+        "empty (a directory",
+        "gone.jpg",
+        "stdin",
+    ):
         assert part in message
     assert ".jpg" in message  # says which suffixes count
 

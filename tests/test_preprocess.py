@@ -168,9 +168,9 @@ def test_invalid_recipe_fields() -> None:
         Recipe(interpolation="cubic")
     with pytest.raises(UsageError, match="at least the crop size"):
         Recipe(image_size=224, resize=200)
-    with pytest.raises(UsageError, match="positive stds"):
+    with pytest.raises(UsageError, match="stds positive"):
         Recipe(std=(0.2, 0.0, 0.2))
-    with pytest.raises(UsageError, match="Background"):
+    with pytest.raises(UsageError, match="background"):
         Recipe(background=(0, 0, 256))
 
 

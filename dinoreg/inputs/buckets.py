@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -57,14 +58,39 @@ def header_size(path: str) -> tuple[int, int] | None:
 
 
 def _orientation(image: Image.Image) -> int:
-    # Pillow reaches a PNG's EXIF only by decoding the whole image unless the chunk came before
-    # the pixel data; the pre-pass reads only what is already parsed.
+    # Decoding applies the EXIF orientation Pillow sees once the image is loaded; the plan must
+    # read the same one, or the decoded image would be squashed into the unturned grid.
     if image.format == "PNG" and "exif" not in image.info:
-        return 1
+        # Pillow reaches an eXIf chunk that follows the pixel data only by decoding them all;
+        # walking the chunk headers finds it without decoding.
+        return _late_png_orientation(image)
     try:
         return int(image.getexif().get(ORIENTATION, 1))
     except Exception:  # broken EXIF: decoding then uses the image as stored, and so do we
         return 1
+
+
+def _late_png_orientation(image: Image.Image) -> int:
+    """The orientation in an eXIf chunk anywhere in the PNG; 1 when there is none."""
+    fp = image.fp
+    if fp is None:
+        return 1
+    fp.seek(8)  # after the signature
+    while True:
+        head = fp.read(8)
+        if len(head) < 8:
+            return 1
+        length, kind = struct.unpack(">I4s", head)
+        if kind == b"IEND":
+            return 1
+        if kind == b"eXIf":
+            exif = Image.Exif()
+            try:
+                exif.load(fp.read(length))
+                return int(exif.get(ORIENTATION, 1))
+            except Exception:  # broken EXIF: decoding ignores it too
+                return 1
+        fp.seek(length + 4, os.SEEK_CUR)  # data and CRC
 
 
 def default_threads() -> int:
@@ -176,23 +202,3 @@ def plan_sizes(sizes: np.ndarray, recipe: Recipe) -> Plan:
 def plan(paths: Sequence[str], recipe: Recipe, threads: int | None = None) -> Plan:
     """Read every header (threaded) and plan the keep-aspect batches of `paths`."""
     return plan_sizes(read_sizes(paths, threads), recipe)
-
-
-class BucketBatchSampler:
-    """A DataLoader `batch_sampler` over a `Plan`: lists of indices, one grid per batch."""
-
-    def __init__(self, plan: Plan, batch_size: int, chunk: int | None = None) -> None:
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        self.plan = plan
-        self.batch_size = batch_size
-        # each batch handed out in pieces of `chunk`, so decode workers share a batch
-        self.chunk = min(chunk or batch_size, batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.plan.batches(self.batch_size):
-            for start in range(0, len(batch), self.chunk):
-                yield batch[start : start + self.chunk]
-
-    def __len__(self) -> int:
-        return sum(-(-len(b) // self.chunk) for b in self.plan.batches(self.batch_size))

@@ -11,7 +11,7 @@ import torch
 import torch.utils.data
 
 from dinoreg.inputs.decode import MAX_PIXELS, ImageDecodeError, load_image
-from dinoreg.inputs.recipe import Recipe, preprocess
+from dinoreg.inputs.recipe import PATCH_SIZE, Recipe, preprocess
 
 
 @dataclass(frozen=True)
@@ -85,12 +85,31 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         path = self.path(index)
+        planned = self.planned_size(index)
         try:
             image = load_image(path, self.recipe, max_pixels=self.max_pixels)
-            pixels = preprocess(image, self.recipe, size=self.planned_size(index))
         except ImageDecodeError as exc:
             return Sample(index=index, pixels=None, error=exc.reason)
-        return Sample(index=index, pixels=pixels, error=None)
+        if planned is not None and not _fits_plan(image.size, planned):
+            # The batch is already fixed to the planned grid: resizing to it would distort.
+            error = (
+                f"decoded as {image.width}x{image.height}, which does not fit the "
+                f"{planned[0]}x{planned[1]} planned from its header (file changed, or metadata "
+                "the header pass cannot read)"
+            )
+            return Sample(index=index, pixels=None, error=error)
+        return Sample(index=index, pixels=preprocess(image, self.recipe, size=planned), error=None)
+
+
+def _fits_plan(size: tuple[int, int], planned: tuple[int, int]) -> bool:
+    """Whether an image of `size` has the aspect of its planned (W, H), up to the rounding of
+    each planned side to the patch grid (half a patch, a whole one where the long side is capped)
+    and reduced-size JPEG decoding (2%). A quarter turn the plan missed lands far outside."""
+    (width, height), (plan_w, plan_h) = size, planned
+    aspect = width / height
+    low = (plan_w - PATCH_SIZE) / (plan_h + PATCH_SIZE)
+    high = (plan_w + PATCH_SIZE) / max(plan_h - PATCH_SIZE, 1e-9)
+    return low / 1.02 <= aspect <= high * 1.02
 
 
 def collate(samples: list[Sample]) -> Batch:

@@ -4,8 +4,10 @@ orientation, and one short reason for every file that cannot be used."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import stat
+import struct
 import warnings
 from functools import lru_cache
 from typing import BinaryIO
@@ -49,6 +51,8 @@ def load_image(path: str, recipe: Recipe, *, max_pixels: int = MAX_PIXELS) -> Im
     except OSError as exc:
         raise ImageDecodeError(path, f"cannot stat ({exc.strerror or exc})") from None
     if stat.S_ISDIR(info.st_mode):
+        if not os.access(path, os.R_OK | os.X_OK):  # discovery lists folders it could not read
+            raise ImageDecodeError(path, "cannot list directory (permission denied)")
         raise ImageDecodeError(path, "is a directory, not an image file")
     if not stat.S_ISREG(info.st_mode):  # opening a FIFO would block the worker
         raise ImageDecodeError(path, "not a regular file")
@@ -78,6 +82,8 @@ def _decode(handle: BinaryIO, path: str, recipe: Recipe, max_pixels: int) -> Ima
             image = Image.open(handle, formats=open_formats())
             kind = image.format or kind
             _check_size(image.size, path, recipe, max_pixels)
+            if image.format in ("JPEG", "MPO"):
+                _check_jpeg_data(handle, path)
             if not recipe.exact_decode:
                 _draft(image, recipe)
             image.load()  # decode everything now, so damage surfaces here and not later
@@ -116,6 +122,84 @@ def _check_size(size: tuple[int, int], path: str, recipe: Recipe, max_pixels: in
         raise ImageDecodeError(
             path, f"extreme aspect ratio ({width}x{height}); resizing needs {new_w * new_h} pixels"
         )
+
+
+# Fewest bits one 8x8 block of one component can take, by frame type (SOFn marker). Baseline
+# and extended Huffman: a DC code and at least one AC code (an end-of-block), a bit or more
+# each. Progressive Huffman: the first DC scan still codes every block. Arithmetic coding has
+# no such floor, so those frames are not checked.
+_MIN_BLOCK_BITS = {0xC0: 2, 0xC1: 2, 0xC2: 1}
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _check_jpeg_data(handle: BinaryIO, path: str) -> None:
+    """Refuse a JPEG whose data is too short for the frame its header claims.
+
+    libjpeg reports missing or garbled scan data only as warnings, which Pillow drops: it fills
+    the rest of the frame with grey (or the last block's colour) and the decode "succeeds". A
+    file cut short without an end marker already fails in Pillow; this catches the rest of that
+    class (a damaged header claiming 12000x12000 over a few KB, data lost mid-file) by counting
+    the blocks the header promises against the bytes that could hold them.
+    """
+    start = handle.tell()
+    try:
+        layout = _jpeg_layout(handle)
+        if layout is None:
+            return
+        marker, width, height, sampling, data_start = layout
+        available = os.fstat(handle.fileno()).st_size - data_start
+    except (OSError, ValueError, struct.error):
+        return  # an unparsable header is Pillow's to judge; this check only ever adds failures
+    finally:
+        handle.seek(start)
+    h_max = max(h for h, _ in sampling)
+    v_max = max(v for _, v in sampling)
+    blocks = sum(
+        math.ceil(math.ceil(width * h / h_max) / 8) * math.ceil(math.ceil(height * v / v_max) / 8)
+        for h, v in sampling
+    )
+    needed = blocks * _MIN_BLOCK_BITS[marker] // 8
+    if available < needed:
+        raise ImageDecodeError(
+            path,
+            f"corrupt JPEG data (header says {width}x{height}, which needs at least "
+            f"{needed} bytes of image data; the file holds {max(available, 0)})",
+        )
+
+
+def _jpeg_layout(
+    handle: BinaryIO,
+) -> tuple[int, int, int, list[tuple[int, int]], int] | None:
+    """(SOF marker, width, height, [(h, v) sampling per component], offset of the first scan's
+    data) from the markers before the first scan; None when there is nothing to check."""
+    handle.seek(0)
+    if handle.read(2) != b"\xff\xd8":
+        return None
+    frame = None
+    while True:
+        if handle.read(1) != b"\xff":
+            return None
+        byte = b"\xff"
+        while byte == b"\xff":  # fill bytes may pad any marker
+            byte = handle.read(1)
+        if not byte:
+            return None
+        marker = byte[0]
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers with no segment
+            continue
+        (length,) = struct.unpack(">H", handle.read(2))
+        if marker == 0xDA:  # start of scan: the entropy-coded data follows its header
+            handle.seek(length - 2, os.SEEK_CUR)
+            if frame is None or frame[0] not in _MIN_BLOCK_BITS or not frame[1] or not frame[2]:
+                return None  # no frame, arithmetic coding, or a height set later (DNL)
+            return (*frame, handle.tell())
+        segment = handle.read(length - 2)
+        if marker in _SOF_MARKERS and frame is None:
+            height, width, count = struct.unpack(">HHB", segment[1:6])
+            sampling = [(b >> 4, b & 15) for b in segment[7 : 6 + 3 * count : 3]]
+            if len(sampling) != count or not all(h and v for h, v in sampling):
+                return None
+            frame = (marker, width, height, sampling)
 
 
 def _draft(image: Image.Image, recipe: Recipe) -> None:

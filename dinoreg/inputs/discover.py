@@ -9,6 +9,7 @@ import glob
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TextIO
 
 from dinoreg.errors import InputError
@@ -18,6 +19,7 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset(
 )
 _GLOB_CHARS = frozenset("*?[")
 _SHOWN_MISSES = 5
+_NUL_REASON = "a path cannot contain a NUL byte"
 
 
 def as_input_list(inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[str]:
@@ -27,69 +29,135 @@ def as_input_list(inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[s
     return [os.fspath(i) for i in inputs]
 
 
-def discover(inputs: Sequence[str], stdin: TextIO | None = None) -> list[str]:
-    """Expand directories, globs, files and "-" (paths on stdin) to a sorted, unique path list.
+@dataclass(frozen=True)
+class Discovery:
+    """What the inputs named: the image paths found, and the inputs that could not be used.
 
-    Missing explicit files are kept so the run reports them; InputError if nothing exists at all.
+    `paths` are sorted and de-duplicated by real path, each spelled as given or as found under
+    a directory. `missing` holds (input, reason) in the order met: a path that does not exist
+    ("no such file"), a glob argument that matched no image file, a directory that could not be
+    listed, a stdin line that cannot be a path. A run records each one as a failed input.
+    """
+
+    paths: list[str]
+    missing: list[tuple[str, str]] = field(default_factory=list)
+
+
+def find_inputs(inputs: Sequence[str], stdin: TextIO | None = None) -> Discovery:
+    """Expand directories, globs, files and "-" (paths on stdin) into a `Discovery`.
+
+    A stdin line is one literal path. An argument is a glob only when no file of that name
+    exists. Raises InputError when no input exists at all (the message names what was tried).
     """
     if isinstance(inputs, str):
         inputs = [inputs]
     found: list[tuple[str, str]] = []  # (path as given, real path used to de-duplicate)
-    missing: list[str] = []
-    misses: list[str] = []
-    for arg in _with_stdin(inputs, stdin, misses):
+    missing: list[tuple[str, str]] = []
+    notes: list[str] = []  # for the "nothing found" message: arguments that gave nothing
+    for arg, literal in _with_stdin(inputs, stdin, missing, notes):
         if os.path.isdir(arg):
-            before = len(found)
-            found.extend(_walk(arg))
-            if len(found) == before:
-                misses.append(f"{arg} (a directory with no image files)")
+            before, failed = len(found), len(missing)
+            found.extend(_walk(arg, missing))
+            if len(found) == before and len(missing) == failed:
+                notes.append(f"{arg} (a directory with no image files)")
         elif os.path.lexists(arg):
             # Named explicitly: kept whatever its suffix or state; decoding gives the verdict.
             found.append((arg, os.path.realpath(arg)))
-        elif any(ch in arg for ch in _GLOB_CHARS):
-            before = len(found)
+        elif not literal and any(ch in arg for ch in _GLOB_CHARS):
+            before, failed = len(found), len(missing)
             for match in sorted(glob.glob(arg, recursive=True)):
                 if os.path.isdir(match):
-                    found.extend(_walk(match))
+                    found.extend(_walk(match, missing))
                 elif _is_image_name(match):
                     found.append((match, os.path.realpath(match)))
-            if len(found) == before:
-                misses.append(f"{arg} (pattern matched no image files)")
+            if len(found) == before and len(missing) == failed:
+                missing.append((arg, "no such file or matching image file"))
         else:
-            missing.append(arg)
-            misses.append(f"{arg} (no such file or directory)")
+            missing.append((arg, "no such file"))
     if not found:
+        misses = [*(f"{name} ({reason})" for name, reason in missing), *notes]
         raise InputError(_nothing_found_message(misses))
     seen: set[str] = set()
     unique: list[str] = []
-    for path, real in [*found, *((p, os.path.realpath(p)) for p in missing)]:
+    for path, real in found:
         if real not in seen:
             seen.add(real)
             unique.append(path)
-    return sorted(unique)
+    return Discovery(sorted(unique), _unique(missing))
 
 
-def _with_stdin(inputs: Sequence[str], stdin: TextIO | None, misses: list[str]) -> Iterator[str]:
+def discover(inputs: Sequence[str], stdin: TextIO | None = None) -> list[str]:
+    """`find_inputs` as one sorted list: the paths found plus the missing inputs, which the run
+    then fails one by one when decoding them ("no such file").
+
+    Prefer `find_inputs`, which keeps the missing inputs apart with their own reasons. Raises
+    InputError for a stdin line holding a NUL byte: no file can have that name.
+    """
+    found = find_inputs(inputs, stdin)
+    for name, reason in found.missing:
+        if reason == _NUL_REASON:
+            raise InputError(f"Cannot use input {name}: {reason}; give one path per line.")
+    return sorted([*found.paths, *(name for name, _ in found.missing)])
+
+
+def _unique(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    seen: set[str] = set()
+    out = []
+    for name, reason in pairs:
+        if name not in seen:
+            seen.add(name)
+            out.append((name, reason))
+    return out
+
+
+def _with_stdin(
+    inputs: Sequence[str], stdin: TextIO | None, missing: list[tuple[str, str]], notes: list[str]
+) -> Iterator[tuple[str, bool]]:
+    """(input, literal) pairs: arguments may be globs, stdin lines are literal paths."""
     read = False
     for arg in inputs:
         if arg != "-":
-            yield arg
+            if "\0" in arg:  # argv cannot hold one, but library callers can pass anything
+                missing.append((_printable(arg), _NUL_REASON))
+            else:
+                yield arg, False
             continue
         if read:  # a second "-" would find the stream already drained
             continue
         read = True
         count = 0
-        for line in stdin if stdin is not None else sys.stdin:
-            path = line.rstrip("\r\n")
-            if path.strip():
-                count += 1
-                yield path
+        for number, path in enumerate(_stdin_lines(stdin), start=1):
+            if not path.strip():
+                continue
+            count += 1
+            if "\0" in path:
+                missing.append((f"stdin line {number}: {_printable(path)}", _NUL_REASON))
+            else:
+                yield path, True
         if count == 0:
-            misses.append("- (stdin held no paths)")
+            notes.append("- (stdin held no paths)")
 
 
-def _walk(root: str) -> Iterator[tuple[str, str]]:
-    """Image files under `root`, skipping hidden names; symlinked dirs followed once each."""
+def _stdin_lines(stdin: TextIO | None) -> Iterator[str]:
+    """Lines of `stdin` without their line ends. A byte stream is decoded as file names are
+    (surrogateescape), so a name that is not UTF-8 survives and still opens."""
+    stream = stdin if stdin is not None else sys.stdin
+    raw = getattr(stream, "buffer", None)
+    lines = (os.fsdecode(b) for b in raw) if raw is not None else iter(stream)
+    for line in lines:
+        yield line.rstrip("\r\n")
+
+
+def _printable(name: str) -> str:
+    # A NUL cannot be stored or shown as a path; show it escaped in reports instead.
+    return name.replace("\0", "\\0")
+
+
+def _walk(root: str, missing: list[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+    """Image files under `root`, skipping hidden names; symlinked dirs followed once each.
+
+    A folder that cannot be listed goes to `missing` with the reason (find(1) reports it too).
+    """
     root_real = os.path.realpath(root)
     visited = {root_real}
     stack = [(root, root_real)]
@@ -98,8 +166,9 @@ def _walk(root: str) -> Iterator[tuple[str, str]]:
         try:
             with os.scandir(path) as it:
                 entries = sorted(it, key=lambda e: e.name)
-        except OSError:
-            continue  # an unreadable folder below the one asked for is skipped, as find(1) does
+        except OSError as exc:
+            missing.append((path, f"cannot list directory ({exc.strerror or exc})"))
+            continue
         subdirs = []
         for entry in entries:
             if entry.name.startswith("."):

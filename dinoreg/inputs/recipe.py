@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 
 from dinoreg.errors import UsageError
+from dinoreg.inputs.modes import to_rgb
 
 PATCH_SIZE = 14
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -37,9 +39,6 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 
-# Modes whose samples do not fit in 8 bits; Pillow's own conversion would clip them at 255.
-_WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
-
 
 def _check_image_size(image_size: object) -> int:
     ok = isinstance(image_size, int) and not isinstance(image_size, bool)
@@ -51,8 +50,9 @@ def _check_image_size(image_size: object) -> int:
     else:
         hint = "try 224"
     raise UsageError(
-        f"Image size must be a positive multiple of {PATCH_SIZE} (the patch size), "
-        f"got {image_size!r}; {hint}."
+        f"image_size must be a positive multiple of {PATCH_SIZE} (the patch size), "
+        f"got {image_size!r}; {hint}.",
+        params=("image_size",),
     )
 
 
@@ -82,16 +82,22 @@ class Recipe:
         if self.interpolation not in INTERPOLATIONS:
             raise UsageError(
                 f"Unknown interpolation {self.interpolation!r}; use one of "
-                f"{', '.join(sorted(INTERPOLATIONS))}."
+                f"{', '.join(sorted(INTERPOLATIONS))}.",
+                params=("interpolation",),
             )
         # Lists arrive from JSON (resume); store tuples so recipes compare and hash by value.
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         object.__setattr__(self, "background", tuple(int(v) for v in self.background))
         if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
-            raise UsageError("Normalisation needs three means and three positive stds (R, G, B).")
+            raise UsageError(
+                "mean and std need three values each, the stds positive (R, G, B).",
+                params=("mean", "std"),
+            )
         if len(self.background) != 3 or not all(0 <= v <= 255 for v in self.background):
-            raise UsageError("Background must be three integers in 0..255 (R, G, B).")
+            raise UsageError(
+                "background must be three integers in 0..255 (R, G, B).", params=("background",)
+            )
         self._check_aspect()
         if not self.crop:
             # Without a crop there is no intermediate size; recording the square side keeps
@@ -99,15 +105,18 @@ class Recipe:
             object.__setattr__(self, "resize", self.image_size)
         elif not isinstance(self.resize, int) or self.resize < self.image_size:
             raise UsageError(
-                f"Resize ({self.resize!r}) must be an integer of at least the crop size "
-                f"({self.image_size}); use Recipe.for_size() to derive it."
+                f"resize ({self.resize!r}) must be an integer of at least the crop size, "
+                f"image_size ({self.image_size}); use Recipe.for_size() to derive it.",
+                params=("resize", "image_size"),
             )
 
     def _check_aspect(self) -> None:
         if not self.keep_aspect:
             if self.max_size is not None:
                 raise UsageError(
-                    "--max-size only applies with --keep-aspect; add --keep-aspect or drop it."
+                    "max_size only applies with keep_aspect; "
+                    "set keep_aspect=True or drop max_size.",
+                    params=("max_size", "keep_aspect"),
                 )
             return
         object.__setattr__(self, "crop", False)  # keep-aspect never crops
@@ -116,8 +125,9 @@ class Recipe:
         ok = isinstance(self.max_size, int) and not isinstance(self.max_size, bool)
         if not ok or self.max_size < self.image_size:
             raise UsageError(
-                f"--max-size ({self.max_size!r}) must be an integer of at least --image-size "
-                f"({self.image_size}), which is the short side with --keep-aspect."
+                f"max_size ({self.max_size!r}) must be an integer of at least image_size "
+                f"({self.image_size}), which is the short side with keep_aspect.",
+                params=("max_size", "image_size", "keep_aspect"),
             )
 
     @classmethod
@@ -210,33 +220,6 @@ def resized_size(width: int, height: int, recipe: Recipe) -> tuple[int, int]:
     return (recipe.resize, new_long) if width <= height else (new_long, recipe.resize)
 
 
-def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB; transparency is composited onto `background`."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode in _WIDE_MODES:
-        return Image.fromarray(_wide_to_uint8(np.asarray(image)), "L").convert("RGB")
-    has_alpha = "A" in image.getbands() or "a" in image.getbands()
-    if has_alpha or image.info.get("transparency") is not None:
-        # Same route as HF's convert_to_rgb (RGBA, then alpha_composite), so results match it.
-        rgba = image.convert("RGBA")
-        under = Image.new("RGBA", rgba.size, (*background, 255))
-        return Image.alpha_composite(under, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _wide_to_uint8(arr: np.ndarray) -> np.ndarray:
-    if arr.dtype.kind == "f":
-        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
-        # Float images are either in [0, 1] or already on the 8-bit scale.
-        scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
-        return np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
-    # Integer modes come from 16-bit files: map 0..65535 onto 0..255 (x / 257, rounded).
-    wide = np.clip(arr.astype(np.int64), 0, 65535)
-    return ((wide * 255 + 32767) // 65535).astype(np.uint8)
-
-
 @lru_cache(maxsize=16)
 def _normalise_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     # HF rescales in float64, casts to float32, then normalises in float32. Doing exactly that
@@ -287,3 +270,20 @@ def preprocess(
     size of a bucketed batch, so a batch always stacks); by default it follows the image's size.
     """
     return normalise(resize(image, recipe, size), recipe)
+
+
+def preprocess_image(
+    image_or_path: Image.Image | str | Path, recipe: Recipe | None = None
+) -> torch.Tensor:
+    """One image as the model's (1, 3, H, W) float32 input, exactly as a run would feed it.
+
+    A path is decoded as runs decode it (`dinoreg.inputs.decode.load_image`: size limits,
+    reduced-size JPEG decoding, EXIF orientation; ImageDecodeError when unusable); a PIL image
+    is taken as already decoded and oriented. The default recipe is the checkpoints' own.
+    """
+    recipe = recipe or Recipe()
+    if not isinstance(image_or_path, Image.Image):
+        from dinoreg.inputs.decode import load_image  # decode imports this module
+
+        image_or_path = load_image(str(image_or_path), recipe)
+    return preprocess(image_or_path, recipe)[None]
