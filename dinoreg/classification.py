@@ -12,7 +12,7 @@ import torch
 
 from dinoreg.batches import run_batches
 from dinoreg.errors import UsageError, WeightsError
-from dinoreg.inputs.discover import as_input_list, discover
+from dinoreg.inputs.discover import as_input_list, find_inputs
 from dinoreg.inputs.recipe import Recipe
 from dinoreg.runtime import ComputeOptions, prepare_model
 
@@ -95,7 +95,8 @@ def classify(
         raise UsageError(f"top must be at least 1, got {top}.", params=("top",))
     recipe = recipe or Recipe()
     compute = compute or ComputeOptions()
-    paths = discover(as_input_list(inputs), stdin=stdin)
+    found = find_inputs(as_input_list(inputs), stdin=stdin)
+    paths = found.paths
     prepared = prepare_model(model, compute, head=head)
     net = prepared.model
     if net.head is None:
@@ -110,6 +111,8 @@ def classify(
         with prepared.inference():
             return net.logits(pixels).float().cpu()
 
+    # inputs that do not exist are named first, before any model runs on the rest
+    yield from (Skipped(name, reason) for name, reason in found.missing)
     order = {p: i for i, p in enumerate(paths)}
     for result in run_batches(paths, recipe, compute, forward, prepared.device):
         # rows and failures come back separately; put them back in input order
