@@ -18,6 +18,7 @@ import torch.utils.data
 
 from dinoreg.inputs.buckets import Plan, plan
 from dinoreg.inputs.dataset import Batch, ImageDataset, collate
+from dinoreg.inputs.normalise import normalise_batch
 from dinoreg.inputs.recipe import Recipe
 from dinoreg.runtime import ComputeOptions
 
@@ -152,6 +153,9 @@ def run_batches(
 ) -> Iterator[BatchResult]:
     """Decode, batch and run `compute(pixels_on_device)` for each batch, in input order.
 
+    Workers hand over uint8 crops; they are copied to the device as they arrive and normalised
+    there (`dinoreg.inputs.normalise`), so `compute` gets (B, 3, H, W) float32 as always.
+
     A batch is `options.batch_size` inputs, whatever the number of workers; the last batch (and,
     with keep-aspect, the last of each grid) may be shorter. An input that fails to decode still
     counts toward its batch but yields no row, so `compute` sees at most `batch_size` images, and
@@ -184,16 +188,17 @@ def run_batches(
         if count >= target:
             if count > target:  # the sampler's contract is broken: never run an oversized batch
                 raise RuntimeError(f"batch loop: pieces hold {count} inputs, batch has {target}")
-            yield from _flush(pending, paths, compute, times)
+            yield from _flush(pending, paths, recipe, compute, times)
             pending, target, count = [], next(lengths, 0), 0
         tick = time.perf_counter()
     if pending:
-        yield from _flush(pending, paths, compute, times)
+        yield from _flush(pending, paths, recipe, compute, times)
 
 
 def _flush(
     pending: list[tuple[Batch, torch.Tensor | None]],
     paths: Sequence[str],
+    recipe: Recipe,
     compute: Callable[[torch.Tensor], object],
     times: StageTimes,
 ) -> Iterator[BatchResult]:
@@ -205,7 +210,7 @@ def _flush(
     outputs = None
     if tensors:
         pixels = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
-        outputs = compute(pixels)
+        outputs = compute(normalise_batch(pixels, recipe))
     times.forward += time.perf_counter() - now
     yield BatchResult(good, outputs, failures)
     _return_freed_memory()

@@ -152,7 +152,8 @@ def test_broken_files_fail_with_a_reason_and_never_raise(tmp_path: Path) -> None
     good = str(EXAMPLES / "coffee.jpg")
     paths = [good, *(str(path) for path, _ in cases.values())]
     dataset = ImageDataset(paths, Recipe())
-    assert dataset[0].error is None and dataset[0].pixels.shape == (3, 224, 224)
+    assert dataset[0].error is None and dataset[0].pixels.shape == (224, 224, 3)
+    assert dataset[0].pixels.dtype == torch.uint8  # normalised where the model runs
     for i, (name, (path, words)) in enumerate(cases.items(), start=1):
         sample = dataset[i]
         assert sample.pixels is None, name
@@ -207,7 +208,7 @@ def test_dataset_paths_round_trip_any_filename() -> None:
 
 
 def test_collate_mixes_successes_and_failures() -> None:
-    pixels = torch.zeros(3, 14, 14)
+    pixels = torch.zeros(14, 14, 3, dtype=torch.uint8)
     batch = collate(
         [
             Sample(index=4, pixels=pixels, error=None),
@@ -216,7 +217,7 @@ def test_collate_mixes_successes_and_failures() -> None:
         ]
     )
     assert batch.indices == [4, 6]
-    assert batch.pixels.shape == (2, 3, 14, 14) and batch.pixels[1].eq(1).all()
+    assert batch.pixels.shape == (2, 14, 14, 3) and batch.pixels[1].eq(1).all()
     assert batch.failures == [(5, "truncated JPEG file")]
 
 
@@ -237,7 +238,7 @@ def test_dataloader_with_workers(tmp_path: Path) -> None:
     batches = list(loader)
     assert [b.indices for b in batches] == [[0], [2]]
     assert batches[0].failures == [(1, "empty file (0 bytes)")]
-    assert batches[1].pixels.shape == (1, 3, 224, 224)
+    assert batches[1].pixels.shape == (1, 224, 224, 3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")

@@ -89,7 +89,7 @@ def test_png_exif_after_the_image_data_is_planned_as_displayed(tmp_path: Path) -
     recipe = Recipe.for_size(28, keep_aspect=True)
     p = plan([str(path)], recipe)
     pixels = ImageDataset([str(path)], recipe, sizes=p.sizes)[0].pixels
-    assert pixels is not None and tuple(pixels.shape) == (3, 56, 14)  # tall, as displayed
+    assert pixels is not None and tuple(pixels.shape) == (56, 14, 3)  # tall, as displayed
 
 
 def test_decode_that_disagrees_with_its_plan_fails_rather_than_squashing(tmp_path: Path) -> None:
@@ -100,4 +100,4 @@ def test_decode_that_disagrees_with_its_plan_fails_rather_than_squashing(tmp_pat
     sample = ImageDataset([str(path)], recipe, sizes=wrong)[0]
     assert sample.pixels is None and "planned" in sample.error
     right = ImageDataset([str(path)], recipe, sizes=np.array([[84, 28]], np.int32))[0]
-    assert isinstance(right.pixels, torch.Tensor) and tuple(right.pixels.shape) == (3, 28, 84)
+    assert isinstance(right.pixels, torch.Tensor) and tuple(right.pixels.shape) == (28, 84, 3)

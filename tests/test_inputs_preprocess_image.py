@@ -11,6 +11,7 @@ from PIL import Image
 from dinoreg.errors import UsageError
 from dinoreg.inputs.dataset import ImageDataset, collate
 from dinoreg.inputs.decode import ImageDecodeError
+from dinoreg.inputs.normalise import normalise_batch
 from dinoreg.inputs.recipe import Recipe, preprocess_image
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "images"
@@ -27,7 +28,9 @@ def test_equals_the_dataloader_pixels(recipe: Recipe) -> None:
     (batch,) = list(loader)
     ours = preprocess_image(path, recipe)
     assert ours.shape == (1, 3, recipe.image_size, recipe.image_size)
-    assert ours.dtype == torch.float32 and torch.equal(ours, batch.pixels)
+    # the loader hands over uint8; normalised where the model runs, the numbers are the same
+    assert batch.pixels.dtype == torch.uint8
+    assert ours.dtype == torch.float32 and torch.equal(ours, normalise_batch(batch.pixels, recipe))
     assert torch.equal(preprocess_image(str(path), recipe), ours)
 
 
@@ -54,3 +57,17 @@ def test_recipe_errors_name_parameters() -> None:
     with pytest.raises(UsageError) as info:
         Recipe.for_size(224, keep_aspect=True, max_size=200)
     assert "max_size (200)" in str(info.value) and "max_size" in info.value.params
+
+
+def test_normalising_a_batch_equals_normalising_each_image_exactly() -> None:
+    from dinoreg.inputs.normalise import normalise
+
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, 256, (3, 17, 29, 3), generator=g, dtype=torch.uint8)
+    batch[0, 0, :, 0] = torch.arange(29, dtype=torch.uint8) * 8 + 31  # levels across the range
+    for recipe in (Recipe(), Recipe(mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))):
+        got = normalise_batch(batch, recipe)
+        assert got.shape == (3, 3, 17, 29) and got.dtype == torch.float32
+        for i in range(3):
+            want = normalise(Image.fromarray(batch[i].numpy()), recipe)
+            assert torch.equal(got[i], want)

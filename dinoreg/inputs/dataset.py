@@ -11,12 +11,13 @@ import torch
 import torch.utils.data
 
 from dinoreg.inputs.decode import MAX_PIXELS, ImageDecodeError, load_image
-from dinoreg.inputs.recipe import PATCH_SIZE, Recipe, preprocess
+from dinoreg.inputs.normalise import to_uint8
+from dinoreg.inputs.recipe import PATCH_SIZE, Recipe, resize
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One dataset item: pixels on success, or the reason it failed."""
+    """One dataset item: (H, W, 3) uint8 pixels on success, or the reason it failed."""
 
     index: int
     pixels: torch.Tensor | None
@@ -28,7 +29,7 @@ class Batch:
     """Decoded images stacked in batch order, plus the inputs that failed and why."""
 
     indices: list[int]
-    pixels: torch.Tensor | None  # (B, 3, H, W) float32; None when every input failed
+    pixels: torch.Tensor | None  # (B, H, W, 3) uint8; None when every input failed
     failures: list[tuple[int, str]]
 
     def pin_memory(self) -> Batch:
@@ -39,7 +40,8 @@ class Batch:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Preprocessed images by index; a bad file yields a Sample with `error`, never an exception.
+    """Resized, cropped uint8 images by index (normalised later, where the model runs); a bad
+    file yields a Sample with `error`, never an exception.
 
     `sizes` (N, 2) gives keep-aspect recipes the planned (W, H) of each input (`dinoreg.buckets`),
     so every image of a bucketed batch comes out the same size; (0, 0) means unplanned (the size
@@ -98,7 +100,8 @@ class ImageDataset(torch.utils.data.Dataset):
                 "the header pass cannot read)"
             )
             return Sample(index=index, pixels=None, error=error)
-        return Sample(index=index, pixels=preprocess(image, self.recipe, size=planned), error=None)
+        pixels = to_uint8(resize(image, self.recipe, size=planned))
+        return Sample(index=index, pixels=pixels, error=None)
 
 
 def _fits_plan(size: tuple[int, int], planned: tuple[int, int]) -> bool:

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from dinoreg.errors import UsageError
 from dinoreg.inputs.modes import to_rgb
+from dinoreg.inputs.normalise import normalise
 
 PATCH_SIZE = 14
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -220,18 +219,6 @@ def resized_size(width: int, height: int, recipe: Recipe) -> tuple[int, int]:
     return (recipe.resize, new_long) if width <= height else (new_long, recipe.resize)
 
 
-@lru_cache(maxsize=16)
-def _normalise_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    # HF rescales in float64, casts to float32, then normalises in float32. Doing exactly that
-    # once per uint8 level turns its three passes into one lookup with bit-identical results.
-    levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
-    mean32 = np.asarray(mean, dtype=np.float32)[:, None]
-    std32 = np.asarray(std, dtype=np.float32)[:, None]
-    table = (levels[None, :] - mean32) / std32
-    table.flags.writeable = False
-    return table
-
-
 def resize(image: Image.Image, recipe: Recipe, size: tuple[int, int] | None = None) -> Image.Image:
     """The RGB image the model sees, before normalisation: resized, and centre-cropped if the
     recipe crops. `size` is a keep-aspect (W, H) to resize to (a bucketed batch's plan)."""
@@ -248,17 +235,6 @@ def resize(image: Image.Image, recipe: Recipe, size: tuple[int, int] | None = No
         left, top = (new_w - out) // 2, (new_h - out) // 2
         image = image.crop((left, top, left + out, top + out))
     return image
-
-
-def normalise(image: Image.Image, recipe: Recipe) -> torch.Tensor:
-    """An RGB image as a normalised (3, H, W) float32 tensor (rescale 1/255, mean, std)."""
-    pixels = np.asarray(image)
-    table = _normalise_table(recipe.mean, recipe.std)
-    out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
-    for channel in range(3):
-        # mode="clip" skips the bounds-check buffer; uint8 indices are always in range.
-        np.take(table[channel], pixels[:, :, channel], out=out[channel], mode="clip")
-    return torch.from_numpy(out)
 
 
 def preprocess(

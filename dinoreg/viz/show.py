@@ -22,7 +22,8 @@ from PIL import Image
 
 from dinoreg.errors import InputError, OutputError, UsageError
 from dinoreg.inputs.decode import ImageDecodeError, load_image
-from dinoreg.inputs.recipe import PATCH_SIZE, Recipe, aspect_size, normalise, resize
+from dinoreg.inputs.normalise import normalise
+from dinoreg.inputs.recipe import PATCH_SIZE, Recipe, aspect_size, resize
 from dinoreg.runtime import PreparedModel
 from dinoreg.viz import draw
 from dinoreg.viz.pca import PCA, PCAAccumulator, fit_patches
