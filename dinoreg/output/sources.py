@@ -16,6 +16,7 @@ import numpy as np
 from dinoreg._fs import read_json
 from dinoreg.errors import OutputError
 from dinoreg.output import layout
+from dinoreg.output.finished import own_files
 from dinoreg.output.hdf5 import decode_attrs
 from dinoreg.output.store import Journal
 
@@ -60,8 +61,10 @@ class _DirSource(Source):
                 self._add(file, fd, layout.read_header_length(fd), descr, (count, *row_shape))
         elif self.meta.get("complete") is True:
             self.complete = True
+            # only the datasets this output recorded: other .npy files there are not ours
+            own = own_files(directory, self.meta)
             for file in sorted(os.listdir(directory)):
-                if file.endswith(".npy"):
+                if file.endswith(".npy") and file in own:
                     self._add_npy(file, stack)
             self.rows = self._count_rows()
         else:

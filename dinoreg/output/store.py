@@ -115,7 +115,8 @@ class Journal:
 
 def _cast(a: np.ndarray, dt: np.dtype) -> tuple[np.ndarray, int]:
     """`a` as `dt`, and how many values the cast made non-finite (float16 overflows to inf)."""
-    out = np.ascontiguousarray(a, dtype=dt)
+    with np.errstate(over="ignore", invalid="ignore"):  # counted below, not warned about
+        out = np.ascontiguousarray(a, dtype=dt)
     if dt.kind != "f" or a.dtype.kind != "f" or a.dtype.itemsize <= dt.itemsize:
         return out, 0
     made = np.count_nonzero(~np.isfinite(out)) - np.count_nonzero(~np.isfinite(a))

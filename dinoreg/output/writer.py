@@ -88,12 +88,12 @@ def check_output(
         path, fmt = target.path, target.format
     else:
         path, fmt = Path(target), infer_format(target, format_flag)
+    check_destination(path)  # first: a name too long for its .partial breaks every later stat
     loc = locate(path, fmt)
     _check_state(path, mode, loc.state)
     probe_lock(loc.stage, path)
     if fmt == "npy" and loc.stage != path:
         probe_lock(path, path)
-    check_destination(path)
 
 
 def _check_state(path: Path, mode: Mode, state: str) -> None:
