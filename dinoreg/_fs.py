@@ -32,9 +32,11 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise OutputError(f"{path} is missing or damaged; pass --overwrite.") from None
+        raise OutputError(
+            f"{path} is missing or damaged; pass overwrite=True.", params=("overwrite",)
+        ) from None
     if not isinstance(doc, dict):
-        raise OutputError(f"{path} is damaged; pass --overwrite.")
+        raise OutputError(f"{path} is damaged; pass overwrite=True.", params=("overwrite",))
     return doc
 
 

@@ -26,7 +26,8 @@ CHILD = """
 import os, sys, time
 import dinoreg.output.store as store
 delay = float(os.environ.get("SLOW_COMMIT", "0.03"))
-store.crash_hook = lambda point: time.sleep(delay) if point in ("append", "commit") else None
+slow = os.environ.get("SLOW_POINTS", "append,commit").split(",")
+store.crash_hook = lambda point: time.sleep(delay) if point in slow else None
 from dinoreg.cli import main
 main(sys.argv[1:])
 """
@@ -46,11 +47,11 @@ def photos(tmp_path_factory) -> Path:
 
 
 def start(
-    out: Path, photos: Path, model: Path, *extra: str, delay: float = 0.03
+    out: Path, photos: Path, model: Path, *extra: str, delay: float = 0.03, slow: str = ""
 ) -> subprocess.Popen:
     args = [sys.executable, "-c", CHILD, "embed", str(photos), "-o", str(out), "-m", str(model)]
     args += ["--batch-size", "2", "--workers", "0", "-q", *extra]
-    env = {**os.environ, "SLOW_COMMIT": str(delay)}
+    env = {**os.environ, "SLOW_COMMIT": str(delay), "SLOW_POINTS": slow or "append,commit"}
     return subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
@@ -106,38 +107,51 @@ def assert_same(out: Path, reference: dict[str, np.ndarray]) -> None:
         np.testing.assert_allclose(got[key], reference[key], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "moment", ["before-first-commit", "after-first-commit", "half-way", "at-the-end"]
-)
+def phase(out: Path) -> str:
+    """Where a killed run stood, from its files: the phase names of the test below."""
+    stage = out.with_name(out.name + ".partial")
+    rows = committed_rows(out)
+    if out.exists():
+        return "complete"
+    if out.with_name(out.name + ".tmp").exists():
+        return "at-the-end"  # every row committed, the conversion under way
+    if rows < 1:
+        return "before-first-commit" if stage.exists() else "not-started"
+    return "half-way" if rows >= N_IMAGES // 2 else "after-first-commit"
+
+
+# When to kill for each phase, and how slow to make the child there so the kill lands in it.
+MOMENTS = {
+    "before-first-commit": (lambda out: out.with_name(out.name + ".partial").exists(), "commit"),
+    "after-first-commit": (lambda out: committed_rows(out) >= 1, "commit"),
+    "half-way": (lambda out: committed_rows(out) >= N_IMAGES // 2, "commit"),
+    "at-the-end": (lambda out: out.with_name(out.name + ".tmp").exists(), "h5"),
+}
+
+
+@pytest.mark.parametrize("moment", list(MOMENTS))
 def test_kill_9_then_resume_gives_the_uninterrupted_result(
     moment, photos, tiny_dir, tmp_path, uninterrupted
 ):
-    out = tmp_path / "feats.h5"
-    proc = start(out, photos, tiny_dir.path)
-    stage = out.with_name(out.name + ".partial")
-    conditions = {
-        "before-first-commit": lambda: stage.exists(),
-        "after-first-commit": lambda: committed_rows(out) >= 1,
-        "half-way": lambda: committed_rows(out) >= N_IMAGES // 2,
-        "at-the-end": lambda: committed_rows(out) >= N_IMAGES or out.exists(),
-    }
-    wait_for(conditions[moment], proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    when, slow_point = MOMENTS[moment]
+    # Retry with a slower child until the kill lands in the phase this test is named after;
+    # never pass by finding it elsewhere.
+    for attempt, delay in enumerate((0.05, 0.2, 0.8)):
+        out = tmp_path / f"feats{attempt}.h5"
+        proc = start(out, photos, tiny_dir.path, delay=delay, slow=slow_point)
+        wait_for(lambda out=out: when(out), proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if phase(out) == moment:
+            break
+    else:
+        pytest.fail(f"could not kill the run {moment}; it was {phase(out)}")
     rows_before = committed_rows(out)
-    if out.exists():  # the kill landed after the output was complete: nothing to resume
-        assert_same(out, uninterrupted)
-        return
-    res = resume(out, photos, tiny_dir.path)
-    if rows_before < 0 and res.returncode == 1:
-        # killed before the run wrote anything of value: --resume says there is nothing to
-        # continue, and a plain run starts it (killed after its meta.json, --resume starts it)
-        assert "drop --resume" in res.stderr
-        res = subprocess.run([*res.args[:-1]], capture_output=True, text=True)
+    res = resume(out, photos, tiny_dir.path)  # resume also starts a run that committed nothing
     assert res.returncode == 3, res.stderr  # the broken file again
     assert "Traceback" not in res.stderr
     assert_same(out, uninterrupted)
-    assert not stage.exists()
+    assert not out.with_name(out.name + ".partial").exists()
     if moment == "half-way":
         assert rows_before >= N_IMAGES // 2  # committed work survived the kill
 
@@ -146,13 +160,22 @@ def test_kill_9_then_resume_gives_the_uninterrupted_result(
 def test_interrupt_commits_exits_130_and_prints_the_resume_command(
     sig, photos, tiny_dir, tmp_path, uninterrupted
 ):
-    out = tmp_path / "feats.h5"
-    proc = start(out, photos, tiny_dir.path, delay=0.25)
-    wait_for(lambda: committed_rows(out) >= 4, proc)
-    # a second writer is refused at once while the first holds the output
-    second = resume(out, photos, tiny_dir.path)
-    assert second.returncode == 1
-    assert "another dinoreg process" in second.stderr
+    # The second writer below takes seconds to start on a busy machine; retry with a slower
+    # child until the signal lands while the run is still going (never pass on a finished run).
+    for attempt, delay in enumerate((0.25, 0.8, 2.0)):
+        out = tmp_path / f"feats{attempt}.h5"
+        proc = start(out, photos, tiny_dir.path, delay=delay)
+        wait_for(lambda out=out: committed_rows(out) >= 4, proc)
+        # a second writer is refused at once while the first holds the output
+        second = resume(out, photos, tiny_dir.path)
+        assert second.returncode == 1
+        assert "another dinoreg process" in second.stderr
+        if committed_rows(out) < N_IMAGES - 4:  # batches left: the signal lands mid-run
+            break
+        proc.kill()
+        proc.communicate()
+    else:
+        pytest.fail("the run always finished before it could be interrupted")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

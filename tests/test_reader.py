@@ -21,6 +21,10 @@ GRID_SPECS = (
 )
 
 
+def partial(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
 def out_for(tmp_path: Path, fmt: str) -> Path:
     return tmp_path / ("o.h5" if fmt == "h5" else "o")
 
@@ -64,13 +68,19 @@ def test_unfinished_output_is_read_up_to_its_journal(tmp_path: Path, fmt: str) -
         assert info.failures == [("bad.jpg", "truncated")]
         assert info.datasets["patches"] == ((3, 2, 3, D), "float16")
         assert info.meta["complete"] is False and "created" in info.meta
-        assert [r.path for r in read(out)] == ["p0", "p1", "p2"]
+        assert info.being_written and info.staged_at == (out if fmt == "npy" else partial(out))
+        with pytest.raises(OutputError, match=r"not complete \(3 rows committed so far") as err:
+            read(out)
+        assert err.value.params == ("resume", "allow_incomplete")
+        assert [r.path for r in read(out, allow_incomplete=True)] == ["p0", "p1", "p2"]
         w.write_batch(*grid_batch(3, 2))
         assert inspect_output(out).rows == 5
     stage = out if fmt == "npy" else tmp_path / "o.h5.partial"
     with open(stage / "cls.npy", "ab") as fh:  # an uncommitted batch in flight
         fh.write(np.ones((7, D), "f4").tobytes())
-    assert inspect_output(out).rows == 5 and len(list(read(out))) == 5
+    info = inspect_output(out)
+    assert info.rows == 5 and not info.being_written  # the writer has gone
+    assert len(list(read(out, allow_incomplete=True))) == 5
     assert not (tmp_path / "o.h5").exists()
 
 
@@ -125,4 +135,4 @@ def test_run_killed_before_its_first_commit(tmp_path: Path) -> None:
     (stage / "meta.json").write_text(json.dumps({"model": "m", "complete": False}))
     info = inspect_output(tmp_path / "o.h5")
     assert (info.complete, info.rows, info.datasets, info.format) == (False, 0, {}, "h5")
-    assert list(read(tmp_path / "o.h5")) == []
+    assert list(read(tmp_path / "o.h5", allow_incomplete=True)) == []

@@ -3,12 +3,16 @@ model's outputs turned into rows for the writer.
 
 Datasets by option:
 - default: `cls` (N, D), `registers` (N, R, D), `patches` (N, h, w, D), final-normed;
-- `--layers`: the same tokens under `layers/<block>/` for each requested block (absolute index,
-  e.g. `layers/11/cls`), final-normed unless `--no-final-norm`; the root datasets are then not
-  written (the final output equals `--layers -1`);
-- `--keep-aspect`: every `patches` dataset is ragged, (total patches, D) plus `patches_offsets`
+- `layers`: the same tokens under `layers/<block>/` for each requested block (absolute index,
+  e.g. `layers/11/cls`), final-normed unless `final_norm=False`; the root datasets are then not
+  written (the final output equals `layers=(-1,)`);
+- `keep_aspect`: every `patches` dataset is ragged, (total patches, D) plus `patches_offsets`
   (N + 1,) (row i = items offsets[i]:offsets[i + 1]), and `grids` (N, 2) int32 holds each row's
   patch grid (h, w), row-major like the patches.
+
+A checkpoint with no registers stores no `registers` dataset (a dataset needs a positive row
+shape); its metadata says `num_registers: 0` and `stored_tokens` lists what is there, and
+`read` gives such rows an empty (0, D) `registers`.
 """
 
 from __future__ import annotations
@@ -46,23 +50,30 @@ class OutputOptions:
         unknown = [t for t in self.tokens if t not in TOKENS]
         if unknown or not self.tokens:
             raise UsageError(
-                f"--tokens takes a comma-separated subset of {','.join(TOKENS)}; "
-                f"got {','.join(self.tokens) or 'nothing'}."
+                f"tokens takes a subset of {','.join(TOKENS)}; "
+                f"got {','.join(self.tokens) or 'nothing'}.",
+                params=("tokens",),
             )
         if self.store_dtype not in ("float32", "float16"):
-            raise UsageError(f"--store-dtype must be float32 or float16, not {self.store_dtype!r}.")
+            raise UsageError(
+                f"store_dtype must be float32 or float16, not {self.store_dtype!r}.",
+                params=("store_dtype",),
+            )
         if self.layers is not None:
             layers = tuple(self.layers)
             ints = all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
             if not layers or not ints:
                 raise UsageError(
-                    f"--layers takes block indices like -1 or -4,-3,-2,-1; got {self.layers!r}."
+                    f"layers takes block indices like (-1,) or (-4, -3, -2, -1); got "
+                    f"{self.layers!r}.",
+                    params=("layers",),
                 )
             object.__setattr__(self, "layers", layers)
         elif not self.final_norm:
             raise UsageError(
-                "--no-final-norm only applies with --layers (the default tokens are always "
-                "final-normed); add --layers or drop --no-final-norm."
+                "final_norm=False only applies with layers (the default tokens are always "
+                "final-normed); pass layers or drop final_norm=False.",
+                params=("final_norm", "layers"),
             )
 
 
@@ -71,10 +82,16 @@ def resolve_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
     for layer in layers:
         if not -depth <= layer < depth:
             raise UsageError(
-                f"--layers {layer} is out of range for this model, which has {depth} blocks "
-                f"(use 0..{depth - 1} or -{depth}..-1)."
+                f"layers {layer} is out of range for this model, which has {depth} blocks "
+                f"(use 0..{depth - 1} or -{depth}..-1).",
+                params=("layers",),
             )
     return tuple(sorted({layer % depth for layer in layers}))
+
+
+def stored_tokens(output: OutputOptions, registers: int) -> tuple[str, ...]:
+    """The tokens that get datasets: all asked for, but registers only if the model has some."""
+    return tuple(t for t in output.tokens if t != "registers" or registers > 0)
 
 
 def dataset_specs(
@@ -94,7 +111,7 @@ def dataset_specs(
     specs = [
         DatasetSpec(prefix + t, shapes[t], output.store_dtype, ragged=ragged and t == "patches")
         for prefix in prefixes
-        for t in output.tokens
+        for t in stored_tokens(output, registers)
     ]
     if ragged:
         specs.append(DatasetSpec(GRIDS, (2,), "int32"))
@@ -120,6 +137,7 @@ def provenance(prepared: PreparedModel, recipe: Recipe, output: OutputOptions) -
         "compute_dtype": str(prepared.dtype).removeprefix("torch."),
         "store_dtype": output.store_dtype,
         "tokens": list(output.tokens),
+        "stored_tokens": list(stored_tokens(output, model.cfg.num_registers)),
         "layers": list(output.layers) if output.layers is not None else None,
         "final_norm": output.final_norm,
         "device": prepared.device.type,
@@ -131,6 +149,7 @@ def make_forward(
 ) -> Callable[[torch.Tensor], dict[str, Any]]:
     """pixels (B, 3, H, W) on the device -> {dataset name: rows on the CPU} for `write_batch`."""
     model = prepared.model
+    tokens = stored_tokens(output, model.cfg.num_registers)
 
     def forward(pixels: torch.Tensor) -> dict[str, Any]:
         with prepared.inference():
@@ -141,7 +160,7 @@ def make_forward(
                 outs = [(f"layers/{i}/", out.layers[i]) for i in output.layers]
         arrays: dict[str, Any] = {}
         for prefix, out in outs:
-            for t in output.tokens:
+            for t in tokens:
                 a = getattr(out, t).float().cpu().numpy()
                 if keep_aspect and t == "patches":
                     a = list(a.reshape(a.shape[0], -1, a.shape[-1]))  # ragged: (h*w, D) per row

@@ -55,6 +55,15 @@ class RunSummary:
     complete: bool = False
     bytes: int = 0
     times: dict[str, float] = field(default_factory=dict)
+    # What the run did with `out`: "created" (new output), "continued" (resumed an incomplete
+    # one) or "already-complete" (resume found the same run finished; nothing was written).
+    mode_used: str = "created"
+    # Where the committed rows are: `out` once complete; the staging directory (`<out>.partial`,
+    # or the .npy directory itself) while the output is unfinished.
+    rows_at: Path | None = None
+    # Values the store_dtype cast turned into inf or nan (float16 overflows past +-65504), in the
+    # whole output; the CLI warns when it is not 0.
+    nonfinite_values: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -106,7 +115,9 @@ def embed(
     torch.compile (a one-off cost per input shape; pays off on long GPU runs).
     """
     if overwrite and resume:
-        raise UsageError("--overwrite and --resume contradict each other; pick one.")
+        raise UsageError(
+            "overwrite and resume contradict each other; pick one.", params=("overwrite", "resume")
+        )
     recipe = embed_recipe(
         image_size, crop=crop, exact_decode=exact_decode, keep_aspect=keep_aspect, max_size=max_size
     )
@@ -136,8 +147,9 @@ def embed_recipe(
     `keep_aspect`, which never crops and so refuses any explicit `crop`)."""
     if keep_aspect and crop is not None:
         raise UsageError(
-            "--no-crop (crop) cannot be combined with --keep-aspect, which keeps the whole image "
-            "at its own aspect; drop one of them."
+            "crop cannot be combined with keep_aspect, which keeps the whole image at its own "
+            "aspect; drop one of them.",
+            params=("crop", "keep_aspect"),
         )
     return Recipe.for_size(
         image_size,
@@ -171,15 +183,15 @@ def run_embed(
     datasets = dataset_specs(model.cfg.dim, model.cfg.num_registers, recipe.grid, output)
     meta = provenance(prepared, recipe, output)
     spec = OutputSpec(path=out, format=fmt, datasets=datasets)
-    with Writer.open(spec, meta, output.mode) as writer:
-        done_before = writer.committed_inputs
-        todo = [p for p in paths if p not in done_before]
+    with Writer.open(spec, meta, output.mode, inputs=paths) as writer:
+        todo = writer.pending(paths)  # by identity: ./a.jpg and a.jpg are one input
         summary = RunSummary(
             out=out,
             inputs=len(paths),
             resumed=len(paths) - len(todo),
             rows=0,
             failures_before=writer.failures,
+            mode_used=writer.mode_used,
         )
         times = StageTimes()
         interrupted = False
@@ -188,14 +200,18 @@ def run_embed(
         # uninterrupted order and this run continues it batch for batch (`dinoreg.inputs.buckets`).
         forward = make_forward(prepared, output, recipe.keep_aspect)
         try:
-            _loop(forward, todo, recipe, compute, prepared.device, writer, summary, times, progress)
+            if writer.mode_used != "already-complete":
+                device = prepared.device
+                _loop(forward, todo, recipe, compute, device, writer, summary, times, progress)
         except KeyboardInterrupt:
             interrupted = True
         writer.close(complete=not interrupted)
+        summary.rows_at = writer.rows_at
+        summary.nonfinite_values = writer.nonfinite_values
     summary.seconds = time.perf_counter() - start
     summary.complete = not interrupted
     summary.times = times.as_dict()
-    summary.bytes = _size_on_disk(out)
+    summary.bytes = _size_on_disk(summary.rows_at or out)
     if interrupted:
         raise Interrupted(summary)
     return summary

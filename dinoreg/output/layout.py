@@ -133,7 +133,8 @@ def read_header_length(fd: int) -> int:
     pre = os.pread(fd, 10, 0)
     if len(pre) != 10 or pre[:8] != b"\x93NUMPY\x01\x00":
         raise OutputError(
-            "a staged .npy file has a damaged header; pass --overwrite to start again."
+            "a staged .npy file has a damaged header; pass overwrite=True to start again.",
+            params=("overwrite",),
         )
     return 10 + struct.unpack("<H", pre[8:10])[0]
 
@@ -201,7 +202,9 @@ def iter_failures(directory: Path, limit: int | None = None) -> Iterator[tuple[s
         try:
             yield decode_failure(line)
         except ValueError:
-            raise OutputError(f"{directory / FAILED} is damaged; pass --overwrite.") from None
+            raise OutputError(
+                f"{directory / FAILED} is damaged; pass overwrite=True.", params=("overwrite",)
+            ) from None
 
 
 def read_rows(
@@ -217,6 +220,9 @@ def read_rows(
     while done < want:
         got = os.preadv(fd, [view[done:]], offset + start * row_bytes + done)
         if got == 0:
-            raise OutputError("a staged .npy file is shorter than its journal; pass --overwrite.")
+            raise OutputError(
+                "a staged .npy file is shorter than its journal; pass overwrite=True.",
+                params=("overwrite",),
+            )
         done += got
     return np.frombuffer(buf, dtype=dt).reshape(stop - start, *row_shape)

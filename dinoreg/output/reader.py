@@ -1,9 +1,10 @@
 """Reading outputs back: `inspect_output` (for `dinoreg info`) and `read` (rows, streamed).
 
 Both work on a finished `.h5`, a finished `.npy` directory, and a run still in progress or killed
-(the `.h5` path whose `<name>.h5.partial/` exists, or an `.npy` directory with a journal). For an
-unfinished run only what the journal says is committed is read, and nothing is written or locked,
-so it is safe while another process writes.
+(the `.h5` path whose `<name>.h5.partial/` exists, or an `.npy` directory with a journal); `read`
+refuses an unfinished one unless asked (`allow_incomplete=True`), since its rows are a prefix of
+what the caller expects. For an unfinished run only what the journal says is committed is read,
+and nothing is written or locked, so it is safe while another process writes.
 """
 
 from __future__ import annotations
@@ -13,26 +14,31 @@ import re
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
-import h5py
 import numpy as np
 
-from dinoreg._fs import read_json
 from dinoreg.errors import OutputError
 from dinoreg.output import layout
-from dinoreg.output.hdf5 import decode_attrs
-from dinoreg.output.store import Journal
+from dinoreg.output.lock import lock_holder
+from dinoreg.output.sources import Source, open_source
+from dinoreg.output.state import partial_dir
 
-__all__ = ["OutputInfo", "Row", "inspect_output", "read"]
+__all__ = ["OutputInfo", "Row", "Rows", "inspect_output", "open_output", "read"]
 
 _BLOCK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
 class OutputInfo:
+    """What `inspect_output` found. `complete`: the output at `path` is finished (its rows are
+    all there); `being_written`: another process holds the output's lock right now;
+    `staged_at`: the staging directory holding a run's committed rows (an unfinished run, or a
+    run replacing a complete output), else None. Counts and datasets describe what `read` sees:
+    the finished output if there is one, else the staged rows."""
+
     path: Path
     format: str
     complete: bool
@@ -40,6 +46,8 @@ class OutputInfo:
     failures: list[tuple[str, str]]
     datasets: dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype), e.g. ragged offsets
     meta: dict[str, Any]
+    being_written: bool = False
+    staged_at: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -52,174 +60,26 @@ class Row:
     patches: np.ndarray | None
 
 
-class _Source:
-    """Uniform row access over the three kinds of output."""
-
-    path: Path
-    format: str
-    complete: bool
-    rows: int
-    meta: dict[str, Any]
-    shapes: dict[str, tuple[tuple[int, ...], str]]
-
-    def read(self, name: str, start: int, stop: int) -> np.ndarray:
-        raise NotImplementedError
-
-    def paths(self, start: int, stop: int) -> list[str]:
-        raise NotImplementedError
-
-    def failures(self) -> list[tuple[str, str]]:
-        raise NotImplementedError
-
-
-class _DirSource(_Source):
-    """An `.npy` directory, finished (shapes from the headers) or staging (from the journal)."""
-
-    def __init__(self, directory: Path, fmt: str, stack: ExitStack) -> None:
-        self.path, self.format, self.directory = directory, fmt, directory
-        self._arrays: dict[str, tuple[int, int, str, tuple[int, ...]]] = {}
-        self.shapes = {}
-        self.meta = read_json(directory / layout.META)
-        self._limits: dict[str, int | None] = {layout.PATHS: None, layout.FAILED: None}
-        self._path_iter: Iterator[str] | None = None
-        self._path_next = 0
-        if (directory / layout.JOURNAL).exists():
-            journal = Journal.load(directory)
-            self.complete, self.rows = False, journal.rows
-            self._limits = {f: journal.lengths[f] for f in self._limits}
-            for file, descr, row_shape, count in journal.layout():
-                fd = self._open(directory / file, stack)
-                self._add(file, fd, layout.read_header_length(fd), descr, (count, *row_shape))
-        elif self.meta.get("complete") is True:
-            self.complete = True
-            for file in sorted(os.listdir(directory)):
-                if file.endswith(".npy"):
-                    self._add_npy(file, stack)
-            self.rows = self._count_rows()
-        else:
-            # A run killed before its first commit point: nothing was committed.
-            self.complete, self.rows = False, 0
-            self._limits = dict.fromkeys(self._limits, 0)
-
-    def _count_rows(self) -> int:
-        # Any dataset tells, without reading paths.txt through.
-        for name, (shape, _) in self.shapes.items():
-            if name.endswith("_offsets") and name.removesuffix("_offsets") in self.shapes:
-                return shape[0] - 1
-            if f"{name}_offsets" not in self.shapes:
-                return shape[0]
-        return sum(1 for _ in layout.iter_lines(self.directory / layout.PATHS))
-
-    @staticmethod
-    def _open(path: Path, stack: ExitStack) -> int:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            # A writer finished or restarted between reading the journal and opening files.
-            raise OutputError(f"{path} vanished while being read; try again.") from None
-        stack.callback(os.close, fd)
-        return fd
-
-    def _add(self, file: str, fd: int, offset: int, descr: str, shape: tuple[int, ...]) -> None:
-        name = layout.dataset_name(file)
-        self._arrays[name] = (fd, offset, descr, shape[1:])
-        self.shapes[name] = (shape, np.dtype(descr).name)
-
-    def _add_npy(self, file: str, stack: ExitStack) -> None:
-        path = self.directory / file
-        try:
-            with open(path, "rb") as fh:
-                version = np.lib.format.read_magic(fh)
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-                else:
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-                offset = fh.tell()
-        except (OSError, ValueError):
-            raise OutputError(f"{path} is not a readable .npy file.") from None
-        if fortran or dtype.hasobject or not shape:
-            raise OutputError(f"{path} is not an array file written by dinoreg.")
-        self._add(file, self._open(path, stack), offset, dtype.str, tuple(shape))
-
-    def read(self, name: str, start: int, stop: int) -> np.ndarray:
-        fd, offset, descr, row_shape = self._arrays[name]
-        return layout.read_rows(fd, offset, descr, row_shape, start, stop)
-
-    def paths(self, start: int, stop: int) -> list[str]:
-        # Called with consecutive ranges, so keep one iterator rather than rescanning the file.
-        if self._path_iter is None or start != self._path_next:
-            it = layout.iter_paths(self.directory, self._limits[layout.PATHS])
-            self._path_iter, self._path_next = it, 0
-            for _ in islice(it, start):
-                pass
-        out = list(islice(self._path_iter, stop - start))
-        if len(out) != stop - start:
-            raise OutputError(f"{self.directory / layout.PATHS} has fewer lines than rows.")
-        self._path_next = stop
-        return out
-
-    def failures(self) -> list[tuple[str, str]]:
-        return list(layout.iter_failures(self.directory, self._limits[layout.FAILED]))
-
-
-class _H5Source(_Source):
-    def __init__(self, path: Path, stack: ExitStack) -> None:
-        self.path, self.format = path, "h5"
-        try:
-            self._file = stack.enter_context(h5py.File(path, "r"))
-        except OSError:
-            raise OutputError(
-                f"{path} is not an HDF5 file or a dinoreg output directory."
-            ) from None
-        f = self._file
-        if not isinstance(f.get("paths"), h5py.Dataset):
-            raise OutputError(f"{path} is an HDF5 file but not a dinoreg output.")
-        self.meta = decode_attrs(f.attrs)
-        self.complete = self.meta.get("complete") is True
-        self.rows = len(f["paths"])
-        self.shapes = {}
-
-        def visit(name: str, obj: Any) -> None:
-            if isinstance(obj, h5py.Dataset) and name != "paths" and not name.startswith("failed/"):
-                self.shapes[name] = (tuple(obj.shape), obj.dtype.name)
-
-        f.visititems(visit)
-
-    def read(self, name: str, start: int, stop: int) -> np.ndarray:
-        return self._file[name][start:stop]
-
-    def paths(self, start: int, stop: int) -> list[str]:
-        return list(self._file["paths"].asstr(errors="surrogateescape")[start:stop])
-
-    def failures(self) -> list[tuple[str, str]]:
-        group = self._file.get("failed")
-        if group is None:
-            return []
-        paths = group["paths"].asstr(errors="surrogateescape")[:]
-        reasons = group["reasons"].asstr(errors="surrogateescape")[:]
-        return list(zip(paths, reasons, strict=True))
-
-
-def _open_source(path: Path, stack: ExitStack) -> _Source:
-    path = Path(path)
-    if path.is_dir():
-        if (path / layout.JOURNAL).exists() or (path / layout.META).exists():
-            return _DirSource(path, "npy", stack)
-        raise OutputError(f"{path} is a directory but not a dinoreg output.")
-    if path.exists():
-        return _H5Source(path, stack)
-    stage = path.with_name(path.name + ".partial")
-    if (stage / layout.META).exists():
-        source = _DirSource(stage, "h5", stack)
-        source.path = path
-        return source
-    raise OutputError(f"{path} does not exist.")
+def _staged_at(path: Path) -> Path | None:
+    """The staging directory holding rows of an unfinished run for `path`, if any."""
+    partial = partial_dir(path)
+    if (partial / layout.JOURNAL).exists() or (partial / layout.META).exists():
+        return partial
+    if path.is_dir() and (path / layout.JOURNAL).exists():
+        return path
+    return None
 
 
 def inspect_output(path: str | os.PathLike[str]) -> OutputInfo:
-    """What an output holds (shapes, counts, provenance), reading no feature data."""
+    """What an output holds (shapes, counts, provenance), reading no feature data.
+
+    Takes no lock: whether another process is writing is probed without acquiring (`lock.py`).
+    """
+    path = Path(path)
     with ExitStack() as stack:
-        src = _open_source(Path(path), stack)
+        src = open_source(path, stack)
+        staged = _staged_at(path)
+        where = staged if staged is not None else (path if path.is_dir() else None)
         return OutputInfo(
             path=src.path,
             format=src.format,
@@ -228,22 +88,86 @@ def inspect_output(path: str | os.PathLike[str]) -> OutputInfo:
             failures=src.failures(),
             datasets=dict(src.shapes),
             meta=dict(src.meta),
+            being_written=where is not None and lock_holder(where) is not None,
+            staged_at=staged,
         )
 
 
-def read(path: str | os.PathLike[str], layer: int | None = None) -> Iterator[Row]:
+class Rows:
+    """The rows of an output, streamed: an iterator, and a context manager that closes its files.
+
+    Files close when the rows run out, on `close()`, on leaving a `with` block, or (without
+    those) when the object is garbage collected: stopping early with `break` needs one of them.
+    """
+
+    def __init__(self, src: Source, prefix: str, stack: ExitStack) -> None:
+        self._stack = stack
+        self._gen = self._iterate(src, prefix)
+
+    def _iterate(self, src: Source, prefix: str) -> Iterator[Row]:
+        try:
+            yield from _rows(src, prefix)
+        finally:
+            self._stack.close()
+
+    def __iter__(self) -> Rows:
+        return self
+
+    def __next__(self) -> Row:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+        self._stack.close()  # a generator never started does not run its finally
+
+    def __enter__(self) -> Rows:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def read(
+    path: str | os.PathLike[str], layer: int | None = None, *, allow_incomplete: bool = False
+) -> Rows:
     """Rows in output order, read in bounded blocks; patches come back as (h, w, D).
 
     Ragged patches are reshaped with the `grids` dataset; without one they stay (k, D). For an
-    output written with `--layers`, `layer` picks a stored block (its index, or negative from the
+    output written with `layers`, `layer` picks a stored block (its index, or negative from the
     model's end); by default the root tokens, or the deepest stored layer when there are none.
+    An unfinished output is refused (OutputError) unless `allow_incomplete=True`, which reads
+    the rows committed so far. A checkpoint with no registers gives (0, D) `registers`.
+    Use as `with read(path) as rows:` (or call `rows.close()`) to close files when stopping early.
     """
-    with ExitStack() as stack:
-        src = _open_source(Path(path), stack)
-        yield from _rows(src, _layer_prefix(src, layer))
+    stack = ExitStack()
+    try:
+        src = open_source(Path(path), stack)
+        if not src.complete and not allow_incomplete:
+            where = _staged_at(Path(path)) or Path(path)
+            raise OutputError(
+                f"{path} is not complete ({src.rows} rows committed so far, in {where}); "
+                "finish it with resume=True, or pass allow_incomplete=True to read those rows.",
+                params=("resume", "allow_incomplete"),
+            )
+        prefix = _layer_prefix(src, layer)
+    except BaseException:
+        stack.close()
+        raise
+    return Rows(src, prefix, stack)
 
 
-def _layer_prefix(src: _Source, layer: int | None) -> str:
+open_output = read  # `with open_output(path) as rows:` reads as what it does
+
+
+def _layer_prefix(src: Source, layer: int | None) -> str:
     stored = sorted(
         {int(n.split("/")[1]) for n in src.shapes if re.fullmatch(r"layers/-?\d+/\w+", n)}
     )
@@ -263,12 +187,13 @@ def _layer_prefix(src: _Source, layer: int | None) -> str:
     return f"layers/{block}/"
 
 
-def _rows(src: _Source, prefix: str = "") -> Iterator[Row]:
+def _rows(src: Source, prefix: str = "") -> Iterator[Row]:
     tokens = [t for t in ("cls", "registers", "patches") if prefix + t in src.shapes]
     names = [prefix + t for t in tokens]
     patches = prefix + "patches"
     ragged = patches + "_offsets" in src.shapes and patches in names
     grids = "grids" in src.shapes
+    no_registers = _empty_registers(src, prefix, tokens)
     row_bytes = 0
     for name in names:
         shape, dtype = src.shapes[name]
@@ -293,4 +218,17 @@ def _rows(src: _Source, prefix: str = "") -> Iterator[Row]:
                         raise OutputError(f"{src.path}: row {start + i} does not match its grid.")
                     own = own.reshape(h, w, *own.shape[1:])
                 values["patches"] = own
-            yield Row(row_path, values.get("cls"), values.get("registers"), values.get("patches"))
+            registers = values.get("registers", no_registers)
+            yield Row(row_path, values.get("cls"), registers, values.get("patches"))
+
+
+def _empty_registers(src: Source, prefix: str, tokens: list[str]) -> np.ndarray | None:
+    """(0, D) for an output of a 0-register checkpoint that was asked to store registers."""
+    asked = src.meta.get("tokens") or ()
+    if "registers" in tokens or "registers" not in asked or src.meta.get("num_registers") != 0:
+        return None
+    for t in tokens:
+        shape, dtype = src.shapes[prefix + t]
+        return np.empty((0, shape[-1]), dtype)
+    dim = src.meta.get("dim")
+    return np.empty((0, dim), src.meta.get("store_dtype", "float32")) if dim else None

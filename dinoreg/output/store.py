@@ -1,4 +1,4 @@
-"""The crash-safe, append-only store every run writes into (layout: `outfiles.py`).
+"""The crash-safe, append-only store every run writes into (layout: `layout.py`).
 
 Data files are only ever written past their committed length (at offsets taken from the
 journal), and a batch becomes committed when `journal.json` is atomically replaced with the new
@@ -10,7 +10,7 @@ corrupt committed rows.
 Each `.npy` header has a fixed, reserved length and a placeholder shape `(0, ...)` while staging,
 so the file is always a valid (empty) array; `finalize` rewrites the header in place with the real
 shape. For the `.npy` output format this directory *is* the output; for HDF5 it is converted once
-complete (`h5out.py`).
+complete (`hdf5.py`).
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ class Journal:
     failures: int
     items: Mapping[str, int]
     lengths: Mapping[str, int]
+    # Values the store dtype cast turned into inf/nan (float16 overflow), committed with the rows.
+    nonfinite: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,6 +75,7 @@ class Journal:
             "failures": self.failures,
             "items": dict(self.items),
             "lengths": dict(self.lengths),
+            "nonfinite": self.nonfinite,
         }
 
     @classmethod
@@ -88,12 +91,15 @@ class Journal:
                 failures=int(doc["failures"]),
                 items={str(k): int(v) for k, v in doc["items"].items()},
                 lengths={str(k): int(v) for k, v in doc["lengths"].items()},
+                nonfinite=int(doc.get("nonfinite", 0)),
             )
             expected = {file for file, *_ in journal.layout()} | {PATHS, FAILED}
             if set(journal.lengths) != expected:
                 raise ValueError("files")
         except (KeyError, TypeError, ValueError, AttributeError):
-            raise OutputError(f"{directory / JOURNAL} is damaged; pass --overwrite.") from None
+            raise OutputError(
+                f"{directory / JOURNAL} is damaged; pass overwrite=True.", params=("overwrite",)
+            ) from None
         return journal
 
     def layout(self) -> Iterator[tuple[str, str, tuple[int, ...], int]]:
@@ -105,6 +111,16 @@ class Journal:
                 yield dataset_file(spec.offsets_name), OFFSETS_DTYPE, (), self.rows + 1
             else:
                 yield dataset_file(spec.name), descr, spec.row_shape, self.rows
+
+
+def _cast(a: np.ndarray, dt: np.dtype) -> tuple[np.ndarray, int]:
+    """`a` as `dt`, and how many values the cast made non-finite (float16 overflows to inf)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # counted below, not warned about
+        out = np.ascontiguousarray(a, dtype=dt)
+    if dt.kind != "f" or a.dtype.kind != "f" or a.dtype.itemsize <= dt.itemsize:
+        return out, 0
+    made = np.count_nonzero(~np.isfinite(out)) - np.count_nonzero(~np.isfinite(a))
+    return out, int(made)
 
 
 def _row_bytes(descr: str, row_shape: tuple[int, ...]) -> int:
@@ -125,7 +141,9 @@ class StagingStore:
                     fd = os.open(directory / file, os.O_RDWR | os.O_CLOEXEC)
                 except FileNotFoundError:
                     raise OutputError(
-                        f"{directory / file} is missing; the output is damaged, pass --overwrite."
+                        f"{directory / file} is missing; the output is damaged, pass "
+                        "overwrite=True.",
+                        params=("overwrite",),
                     ) from None
                 self._fds[file] = fd
             self._check_and_trim()
@@ -135,7 +153,9 @@ class StagingStore:
 
     def _check_and_trim(self) -> None:
         damaged = OutputError(
-            f"{self.directory} does not match its journal; the output is damaged, pass --overwrite."
+            f"{self.directory} does not match its journal; the output is damaged, pass "
+            "overwrite=True.",
+            params=("overwrite",),
         )
         for file, descr, row_shape, count in self.journal.layout():
             hl = read_header_length(self._fds[file])
@@ -158,11 +178,22 @@ class StagingStore:
 
     @classmethod
     def create(
-        cls, directory: Path, fmt: str, datasets: Sequence[DatasetSpec], meta: Mapping[str, Any]
+        cls,
+        directory: Path,
+        fmt: str,
+        datasets: Sequence[DatasetSpec],
+        meta: Mapping[str, Any],
+        extra: Mapping[str, bytes] | None = None,
     ) -> StagingStore:
-        """Start an empty store in `directory` (locked by the caller, emptied of old files)."""
+        """Start an empty store in `directory` (locked by the caller, emptied of old files).
+
+        `extra` files (the input list) are written before the journal, so a resumable store
+        always has them.
+        """
         # meta.json first: from here on the directory is recognisably ours.
         write_json_atomic(directory, META, meta)
+        for name, data in (extra or {}).items():
+            write_new(directory / name, data)
         journal = Journal(fmt, tuple(datasets), 0, 0, {}, {})
         items = {spec.name: 0 for spec in datasets if spec.ragged}
         journal = replace(journal, items=items)
@@ -203,6 +234,7 @@ class StagingStore:
         j = self.journal
         pieces: list[tuple[str, np.ndarray | bytes]] = []
         items = dict(j.items)
+        nonfinite = 0
         for spec in j.datasets:
             dt = np.dtype(STORE_DTYPES[spec.dtype])
             value = arrays.get(spec.name)
@@ -219,7 +251,9 @@ class StagingStore:
                     if a.ndim != len(spec.row_shape) + 1 or a.shape[1:] != spec.row_shape:
                         want = f"(k, *{spec.row_shape})"
                         raise ValueError(f"{spec.name}: item shape {a.shape}, want {want}")
-                    pieces.append((dataset_file(spec.name), np.ascontiguousarray(a, dtype=dt)))
+                    cast, bad = _cast(a, dt)
+                    pieces.append((dataset_file(spec.name), cast))
+                    nonfinite += bad
                     items[spec.name] += a.shape[0]
                     ends.append(items[spec.name])
                 pieces.append((dataset_file(spec.offsets_name), np.asarray(ends, OFFSETS_DTYPE)))
@@ -227,7 +261,9 @@ class StagingStore:
                 a = np.asarray(value)
                 if a.shape != (n, *spec.row_shape):
                     raise ValueError(f"{spec.name}: shape {a.shape}, want {(n, *spec.row_shape)}")
-                pieces.append((dataset_file(spec.name), np.ascontiguousarray(a, dtype=dt)))
+                cast, bad = _cast(a, dt)
+                pieces.append((dataset_file(spec.name), cast))
+                nonfinite += bad
         unknown = set(arrays) - {spec.name for spec in j.datasets}
         if unknown:
             raise ValueError(f"write_batch: unknown arrays {sorted(unknown)}")
@@ -252,6 +288,7 @@ class StagingStore:
             os.fsync(self._fds[file])
         crash_point("commit")
         new = replace(j, rows=j.rows + n, failures=j.failures + len(failures))
+        new = replace(new, nonfinite=j.nonfinite + nonfinite)
         new = replace(new, items=items, lengths=lengths)
         write_json_atomic(self.directory, JOURNAL, new.to_json())
         self.journal = new

@@ -1,10 +1,10 @@
 """The output writer: modes (new, overwrite, resume), locking, provenance, and completion.
 
-Every run appends to a crash-safe staging store (`staging.py`). For `format="npy"` the staging
-directory is the output and completion rewrites the `.npy` headers in place. For `format="h5"`
-rows are staged in `<name>.h5.partial/` and, on completion, copied block by block into
-`<name>.h5.tmp`, which then replaces `<name>.h5`; an HDF5 file is never appended to during a
-run, so a kill cannot corrupt it. `<name>.h5` only ever appears complete.
+Every run appends to a crash-safe staging store (`store.py`); where it stages is `state.py`'s
+business. A new `.npy` output stages in its own directory and completion rewrites the headers in
+place; a new HDF5 output stages in `<name>.h5.partial/` and completion copies it block by block
+into `<name>.h5.tmp`, which then replaces `<name>.h5`, so `<name>.h5` only ever appears complete.
+Replacing a complete output (`overwrite`) stages beside it and swaps in only when complete.
 
 `Writer` is not thread-safe: give it one thread. It creates its lock with O_CLOEXEC, but a
 `fork()`ed child inherits the lock until it exits, so open the writer after forking workers.
@@ -13,7 +13,7 @@ run, so a kill cannot corrupt it. `<name>.h5` only ever appears complete.
 from __future__ import annotations
 
 import os
-import shutil
+import uuid
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -24,10 +24,29 @@ from typing import Any, Literal
 from dinoreg._fs import fsync_dir, read_json, write_json_atomic
 from dinoreg.errors import OutputError
 from dinoreg.output import layout
+from dinoreg.output.checks import check_destination, check_free_space, os_error
+from dinoreg.output.finished import (
+    clear_stage,
+    finished_meta,
+    refuse_foreign,
+    remove_stage,
+    swap_in,
+)
 from dinoreg.output.hdf5 import convert_to_h5
+from dinoreg.output.identity import INPUTS, InputList, identity, read_inputs
 from dinoreg.output.layout import DatasetSpec
 from dinoreg.output.lock import acquire_lock, probe_lock
-from dinoreg.output.meta import RESUME_KEYS, now, prepare_meta, resume_differences
+from dinoreg.output.meta import RESUME_KEYS, now, prepare_meta
+from dinoreg.output.resume import check_finished_run, check_same_inputs, check_same_run
+from dinoreg.output.state import (
+    Format,
+    Located,
+    infer_format,
+    locate,
+    output_state,
+    partial_dir,
+    staging_dir,
+)
 from dinoreg.output.store import Journal, StagingStore, crash_point
 
 __all__ = [
@@ -41,12 +60,10 @@ __all__ = [
     "staging_dir",
 ]
 
-Format = Literal["h5", "npy"]
 Mode = Literal["new", "overwrite", "resume"]
-
-# What overwrite may delete from an npy directory; anything else in it is left alone.
-_OWN_SUFFIXES = (".npy", ".tmp")
-_OWN_FILES = (layout.PATHS, layout.FAILED, layout.META, layout.JOURNAL)
+# What `Writer.open` did: started a new output, continued an incomplete one, or found the same
+# run already complete (resume only; nothing is written then).
+ModeUsed = Literal["created", "continued", "already-complete"]
 
 
 @dataclass(frozen=True)
@@ -63,71 +80,6 @@ class OutputSpec:
         layout.validate_datasets(self.datasets)
 
 
-def staging_dir(path: Path, fmt: Format) -> Path:
-    return path if fmt == "npy" else path.with_name(path.name + ".partial")
-
-
-def infer_format(path: str | os.PathLike[str], format_flag: str | None = None) -> Format:
-    """`.h5`/`.hdf5` -> h5; a trailing slash, an existing directory or `--format npy` -> npy."""
-    text = os.fspath(path)
-    is_dir = text.endswith(os.sep) or Path(text).is_dir()
-    if format_flag == "npy":
-        return "npy"
-    if format_flag == "h5" or (
-        format_flag is None and Path(text).suffix.lower() in (".h5", ".hdf5")
-    ):
-        if is_dir:
-            raise OutputError(f"{text} is a directory; give an HDF5 file path like feats.h5.")
-        return "h5"
-    if format_flag is not None:
-        raise OutputError(f"unknown output format {format_flag!r}; use --format h5 or npy.")
-    if is_dir:
-        return "npy"
-    raise OutputError(
-        f"cannot tell the output format of {text}; name it like feats.h5 for HDF5, "
-        "end it with / for a .npy directory, or pass --format npy."
-    )
-
-
-State = Literal["missing", "aborted", "damaged", "incomplete", "complete"]
-
-
-def output_state(path: Path, fmt: Format) -> State:
-    """Where an output stands, from the files alone (no writes).
-
-    missing: nothing there (or an empty directory); aborted: a run died before its first commit
-    point (nothing committed); damaged: an unreadable meta.json and no journal (only
-    --overwrite helps); incomplete: a journal holds committed rows; complete: finished.
-    """
-    stage = staging_dir(path, fmt)
-    if fmt == "h5":
-        if path.is_dir():
-            raise OutputError(f"{path} is a directory; give an HDF5 file path like feats.h5.")
-        if path.exists():
-            return "complete"  # only ever created complete; a staging dir beside it is stale
-        if (stage / layout.JOURNAL).exists():
-            return "incomplete"
-        # meta.json is the first file a run writes; without it the directory holds nothing of
-        # value (at most the lock of a run that died at once).
-        return "aborted" if (stage / layout.META).exists() else "missing"
-    if path.exists() and not path.is_dir():
-        raise OutputError(
-            f"{path} is a file; a .npy output needs a directory, choose another --out."
-        )
-    if (stage / layout.JOURNAL).exists():
-        return "incomplete"
-    meta = stage / layout.META
-    if meta.exists():
-        try:
-            complete = read_json(meta).get("complete") is True
-        except OutputError:
-            return "damaged"
-        return "complete" if complete else "aborted"
-    if not path.exists() or not any(p.name != layout.LOCK for p in path.iterdir()):
-        return "missing"
-    raise OutputError(f"{path} is a directory that is not a dinoreg output; choose another --out.")
-
-
 def check_output(
     target: OutputSpec | str | os.PathLike[str], mode: Mode, format_flag: str | None = None
 ) -> None:
@@ -136,38 +88,28 @@ def check_output(
         path, fmt = target.path, target.format
     else:
         path, fmt = Path(target), infer_format(target, format_flag)
-    _check_state(path, mode, output_state(path, fmt))
-    probe_lock(staging_dir(path, fmt), path)
+    check_destination(path)  # first: a name too long for its .partial breaks every later stat
+    loc = locate(path, fmt)
+    _check_state(path, mode, loc.state)
+    probe_lock(loc.stage, path)
+    if fmt == "npy" and loc.stage != path:
+        probe_lock(path, path)
 
 
-def _check_state(path: Path, mode: Mode, state: State) -> None:
+def _check_state(path: Path, mode: Mode, state: str) -> None:
     if mode not in ("new", "overwrite", "resume"):
         raise ValueError(f"mode must be new, overwrite or resume, not {mode!r}")
     if mode == "new" and state != "missing":
         raise OutputError(
-            f"{path} already exists; pass --overwrite to replace it or --resume to continue it."
+            f"{path} already exists; pass overwrite=True to replace it or resume=True to "
+            "continue it.",
+            params=("overwrite", "resume"),
         )
-    if mode == "resume" and state == "missing":
-        raise OutputError(f"{path} does not exist; drop --resume to start it.")
     if mode == "resume" and state == "damaged":
-        raise OutputError(f"{path} has a damaged meta.json; pass --overwrite to start again.")
-    if mode == "resume" and state == "complete":
         raise OutputError(
-            f"{path} is already complete; nothing to resume (pass --overwrite to redo it)."
+            f"{path} has a damaged meta.json; pass overwrite=True to start again.",
+            params=("overwrite",),
         )
-
-
-def _clear_stage(stage: Path, fmt: Format) -> None:
-    """Delete an old run's files, keeping the lock we hold."""
-    for entry in stage.iterdir():
-        if entry.name == layout.LOCK:
-            continue
-        if fmt == "npy" and not (entry.name in _OWN_FILES or entry.suffix in _OWN_SUFFIXES):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
 
 
 class Writer:
@@ -176,77 +118,120 @@ class Writer:
     def __init__(
         self,
         spec: OutputSpec,
-        store: StagingStore,
+        store: StagingStore | None,
         lock_fd: int,
         meta: dict[str, Any],
         committed: set[str],
+        mode_used: ModeUsed,
+        identities: Mapping[str, str] | None = None,
     ) -> None:
         self.spec = spec
-        self._store = store
+        self._store = store  # None: an already-complete output, nothing to write
         self._lock_fd = lock_fd
         self._meta = meta
         self._committed = committed
-        self._closed = False
+        # Committed inputs by identity; the recorded input list maps each spelling to its real
+        # path as resolved when the run started (relative paths depended on its directory).
+        ids = identities or {}
+        self._committed_ids = {ids.get(p) or identity(p) for p in committed}
+        self.mode_used: ModeUsed = mode_used
+        self._closed = store is None
+        self._finished = store is None
+        self._finished_counts = (0, 0)
 
     @classmethod
-    def open(cls, spec: OutputSpec, meta: Mapping[str, Any], mode: Mode) -> Writer:
-        """Create (mode new/overwrite) or reopen (resume) the output and take its lock.
+    def open(
+        cls,
+        spec: OutputSpec,
+        meta: Mapping[str, Any],
+        mode: Mode,
+        inputs: Sequence[str] | None = None,
+    ) -> Writer:
+        """Create (new, overwrite, or resume of a missing output), continue (resume of an
+        incomplete one) or confirm (resume of a complete one with the same settings and inputs)
+        the output, holding its lock while it is written.
 
-        Resuming an output whose completion was interrupted works too: open, write nothing, and
+        `inputs` (as given) are recorded by identity (`identity.py`); a resume must cover the same
+        ones. Resuming an output whose completion was interrupted writes nothing and
         `close(complete=True)` redoes the completion from the journal.
         """
         doc = prepare_meta(meta)
-        stage = staging_dir(spec.path, spec.format)
-        state = output_state(spec.path, spec.format)
-        if not (spec.format == "h5" and state == "complete" and stage.exists()):
-            # Refuse before creating anything, unless there is a stale staging dir to clean.
-            _check_state(spec.path, mode, state)
+        listed = InputList.of(inputs) if inputs is not None else None
+        path = spec.path
+        loc = locate(path, spec.format)
+        _check_state(path, mode, loc.state)  # refuse before creating anything
+        if loc.swap_pending:
+            fd = acquire_lock(loc.stage, path)
+            try:
+                if locate(path, spec.format).swap_pending:
+                    swap_in(path, loc.stage)  # a replacement completed, killed before its swap
+            finally:
+                os.close(fd)
+            loc = locate(path, spec.format)
+        if mode == "resume" and loc.state == "complete":
+            return cls._already_complete(spec, doc, listed, loc)
+        if spec.format == "npy" and mode == "overwrite" and path.is_dir():
+            refuse_foreign(path)  # checked before anything else touches it
+        stage = loc.stage
+        if loc.state == "complete" or (spec.format == "npy" and loc.replacing):
+            stage = partial_dir(path)  # replace: the old output stays until the new is done
         made_dir = not stage.exists()
-        stage.mkdir(parents=True, exist_ok=True)
-        if made_dir:
-            fsync_dir(stage.parent)
-        made_lock = not (stage / layout.LOCK).exists()
-        lock_fd = acquire_lock(stage, spec.path)
+        try:
+            stage.mkdir(parents=True, exist_ok=True)
+            if made_dir:
+                fsync_dir(stage.parent)
+            lock_fd = acquire_lock(stage, path)
+        except OSError as e:
+            raise os_error(path, e, "create") from e
         try:
             # Re-check under the lock: another process may have finished or started meanwhile.
-            state = output_state(spec.path, spec.format)
-            if spec.format == "h5" and state == "complete":
-                _clear_stage(stage, "h5")  # stale: killed between replace and clean-up
-            _check_state(spec.path, mode, state)
+            now_at = locate(path, spec.format)
+            _check_state(path, mode, now_at.state)
             if spec.format == "h5":
                 # A conversion killed half-way; the staging dir still has everything.
-                spec.path.with_name(spec.path.name + ".tmp").unlink(missing_ok=True)
-            if state == "incomplete" and mode == "resume":
-                return cls._resume(spec, stage, lock_fd, doc)
-            if spec.format == "h5" and spec.path.exists():
-                spec.path.unlink()  # overwrite: only now that we hold the lock
-                fsync_dir(spec.path.parent)
-            _clear_stage(stage, spec.format)
-            doc = {**doc, "created": now(), "complete": False}
-            store = StagingStore.create(stage, spec.format, spec.datasets, doc)
-            return cls(spec, store, lock_fd, doc, set())
+                path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+            if now_at.state == "incomplete" and now_at.stage == stage and mode == "resume":
+                return cls._resume(spec, stage, lock_fd, doc, listed)
+            if now_at.state == "complete" and mode == "resume":
+                raise OutputError(f"{path} was completed meanwhile; run again.", params=())
+            clear_stage(stage, path)
+            doc = {**doc, "created": now(), "run_id": uuid.uuid4().hex, "complete": False}
+            doc["datasets"] = [s.to_json() for s in spec.datasets]
+            extra = {}
+            if listed is not None:
+                doc["inputs"] = listed.digest()
+                extra[INPUTS] = listed.to_bytes()
+            try:
+                store = StagingStore.create(stage, spec.format, spec.datasets, doc, extra)
+            except OSError as e:
+                raise os_error(path, e, "create") from e
+            return cls(spec, store, lock_fd, doc, set(), "created")
         except BaseException:
-            if spec.format == "h5" and (made_dir or state == "complete"):
-                shutil.rmtree(stage, ignore_errors=True)
-            elif made_lock:
-                (stage / layout.LOCK).unlink(missing_ok=True)
+            if made_dir:
+                remove_stage(stage)  # we made it: nothing in it is anyone else's
             os.close(lock_fd)
             raise
 
     @classmethod
-    def _resume(cls, spec: OutputSpec, stage: Path, lock_fd: int, doc: dict[str, Any]) -> Writer:
+    def _resume(
+        cls,
+        spec: OutputSpec,
+        stage: Path,
+        lock_fd: int,
+        doc: dict[str, Any],
+        listed: InputList | None,
+    ) -> Writer:
         for name in (layout.JOURNAL, layout.META):
             (stage / (name + ".tmp")).unlink(missing_ok=True)  # killed mid-replace
         store = StagingStore(stage, Journal.load(stage))
         try:
             old = read_json(stage / layout.META)
-            diffs = resume_differences(old, doc, store.journal.datasets, spec.datasets)
-            if diffs:
-                raise OutputError(
-                    f"{spec.path} was started with different options ({'; '.join(diffs)}); "
-                    "use the same options or pass --overwrite."
-                )
-            doc = {**doc, "created": old.get("created", now()), "complete": False}
+            recorded = read_inputs(stage)
+            check_same_run(spec.path, old, doc, store.journal.datasets, spec.datasets)
+            if listed is not None and recorded is not None:
+                check_same_inputs(spec.path, recorded, listed)
+            keep = ("created", "run_id", "datasets", "inputs")
+            doc = {**doc, **{k: old[k] for k in keep if k in old}, "complete": False}
             write_json_atomic(stage, layout.META, doc)
             lengths = store.journal.lengths
             committed = set(layout.iter_paths(stage, lengths[layout.PATHS]))
@@ -255,26 +240,69 @@ class Writer:
         except BaseException:
             store.close()
             raise
-        return cls(spec, store, lock_fd, doc, committed)
+        ids = {g: i for i, g in recorded.pairs()} if recorded is not None else None
+        return cls(spec, store, lock_fd, doc, committed, "continued", ids)
+
+    @classmethod
+    def _already_complete(
+        cls, spec: OutputSpec, doc: dict[str, Any], listed: InputList | None, loc: Located
+    ) -> Writer:
+        if spec.format == "h5" and loc.stage.exists():
+            # Stale: killed between the final rename and the clean-up. Remove it under its lock.
+            fd = acquire_lock(loc.stage, spec.path)
+            try:
+                remove_stage(loc.stage)
+            finally:
+                os.close(fd)
+        old = finished_meta(spec.path, spec.format)
+        check_finished_run(spec.path, old, doc, spec.datasets, listed)
+        from dinoreg.output.reader import inspect_output
+
+        info = inspect_output(spec.path)
+        writer = cls(spec, None, -1, old, set(), "already-complete")
+        writer._finished_counts = (info.rows, len(info.failures))
+        return writer
 
     @property
     def committed_inputs(self) -> AbstractSet[str]:
-        """Inputs (as given) already committed as rows or failures; a resumed run skips them."""
+        """Inputs (as given) already committed as rows or failures."""
         return self._committed
+
+    def pending(self, paths: Sequence[str]) -> list[str]:
+        """The `paths` not committed yet, matched by identity (real path), in the given order."""
+        if self.mode_used == "already-complete":
+            return []
+        return [p for p in paths if identity(p) not in self._committed_ids]
 
     @property
     def rows(self) -> int:
-        return self._store.journal.rows
+        return self._store.journal.rows if self._store is not None else self._finished_counts[0]
+
+    @property
+    def failures(self) -> int:
+        if self._store is None:
+            return self._finished_counts[1]
+        return self._store.journal.failures
+
+    @property
+    def nonfinite_values(self) -> int:
+        """Values the store dtype cast made inf or nan (float16 overflow), in the whole output."""
+        if self._store is not None:
+            return self._store.journal.nonfinite
+        return int(self._meta.get("nonfinite_values", 0))
+
+    @property
+    def rows_at(self) -> Path:
+        """Where the committed rows are now: the output once complete, else its staging dir."""
+        if self._store is None or self._finished:
+            return self.spec.path
+        return self._store.directory
 
     @property
     def lock_fd(self) -> int:
         """The descriptor holding the output's lock. A forked child (a decode worker) should close
         its copy, or the lock outlives this process until the child exits."""
         return self._lock_fd
-
-    @property
-    def failures(self) -> int:
-        return self._store.journal.failures
 
     def write_batch(
         self,
@@ -289,7 +317,7 @@ class Writer:
         dtype. `failures` are `(path, reason)` pairs for inputs that get no row; a batch may hold
         only failures (then `arrays` may be empty).
         """
-        if self._closed:
+        if self._closed or self._store is None:
             raise ValueError("write_batch on a closed Writer")
         new = [*paths, *(p for p, _ in failures)]
         if len(set(new)) != len(new) or any(p in self._committed for p in new):
@@ -301,41 +329,51 @@ class Writer:
         except OSError as e:
             raise OutputError(
                 f"could not write {self.spec.path} ({e.strerror or e}); the batches committed "
-                "so far are kept and --resume continues."
+                "so far are kept and resume=True continues.",
+                params=("resume",),
             ) from e
         self._committed.update(new)
+        self._committed_ids.update(identity(p) for p in new)
 
     def close(self, complete: bool) -> None:
         """Finish the output (complete=True) or leave it resumable (False). Idempotent."""
-        if self._closed:
+        if self._closed or self._store is None:
             return
         self._closed = True
-        stage = self._store.directory
-        finished = False
+        store, path = self._store, self.spec.path
+        stage = store.directory
         try:
             if complete:
-                doc = {**self._meta, "complete": True}
+                doc = {**self._meta, "nonfinite_values": store.journal.nonfinite}
+                doc["complete"] = True
                 if self.spec.format == "npy":
-                    self._store.finalize(doc)
+                    store.finalize(doc)
+                    # the digest in meta.json is what a later resume compares; the list was for
+                    # resuming this run only
+                    (stage / INPUTS).unlink(missing_ok=True)
+                    if stage != path:
+                        swap_in(path, stage)
                 else:
-                    self._store.truncate()
-                    convert_to_h5(self._store, self.spec.path, doc)
+                    store.truncate()
+                    need = sum(store.journal.lengths.values()) + (1 << 20)
+                    check_free_space(path.parent, need, f"convert {stage} into {path}")
+                    convert_to_h5(store, path, doc)
                     crash_point("h5-replaced")
-                    self._store.close()
-                    # A leftover is harmless: the next open sees the complete .h5 and removes it.
-                    shutil.rmtree(stage, ignore_errors=True)
-                finished = True
-        except OSError as e:
+                    store.close()
+                    # A leftover is harmless: the next open sees the complete .h5 and removes
+                    # it. The lock goes with it while still held; `acquire_lock` copes.
+                    remove_stage(stage)
+                self._meta = doc
+                self._finished = True
+        except (OSError, RuntimeError) as e:
+            # h5py reports a full disk as OSError or RuntimeError depending on where it hits.
             raise OutputError(
-                f"could not finish {self.spec.path} ({e.strerror or e}); what was committed is "
-                "kept and --resume finishes it."
+                f"could not finish {path} ({getattr(e, 'strerror', None) or e}); what was "
+                "committed is kept and resume=True finishes it.",
+                params=("resume",),
             ) from e
         finally:
-            self._store.close()
-            if finished and self.spec.format == "npy":
-                # The lock file has no job in a finished directory; we still hold it, so no other
-                # writer can be mid-run on it.
-                (stage / layout.LOCK).unlink(missing_ok=True)
+            store.close()
             os.close(self._lock_fd)
 
     def __enter__(self) -> Writer:
