@@ -62,8 +62,14 @@ def test_library_parameter_names_become_flags():
     assert as_flags(message, ("batch_size", "overwrite", "resume")) == (
         "--batch-size must be at least 1; pass --overwrite or --resume, not head."
     )
-    # names only where the error lists them, and whole words only
-    assert as_flags("the output_dir of out", ("out",)) == "the output_dir of --out"
+    # names only where the error lists them, whole words only, and English words left alone
+    message = "cannot tell the output format of a.txt; pass format='npy' or choose another out."
+    assert as_flags(message, ("out", "format")) == (
+        "cannot tell the output format of a.txt; pass --format npy or choose another --out."
+    )
+    assert as_flags("drop crop=False or keep_aspect", ("crop", "keep_aspect")) == (
+        "drop --no-crop or --keep-aspect"
+    )
 
 
 def test_a_closed_pipe_ends_quietly_with_exit_0(tmp_path):

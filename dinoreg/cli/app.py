@@ -222,13 +222,33 @@ FLAGS = {
 }
 
 
+# flags that set a parameter to False
+NEGATED = {"crop": "--no-crop", "final_norm": "--no-final-norm"}
+# parameter names that are also plain English words: replaced only where a message clearly
+# means the parameter ("pass resume=True", "another out", "with layers")
+_WORDS = frozenset({"format", "model", "out", "resume", "overwrite", "size", "mask", "crop", "top"})
+
+
 def as_flags(message: str, params: tuple[str, ...]) -> str:
     """A library message with its parameter names (and `name=value` spellings) as flags."""
     for name in sorted(params, key=len, reverse=True):
         flag = FLAGS.get(name)
-        if flag is not None:
-            pattern = rf"(?<![\w-]){re.escape(name)}(=(True|False|None))?(?![\w-])"
-            message = re.sub(pattern, flag, message)
+        if flag is None:
+            continue
+        word = re.escape(name)
+
+        def assigned(m: re.Match, flag: str = flag, name: str = name) -> str:
+            value = m.group(1).strip("'\"")
+            if value == "False" and name in NEGATED:
+                return NEGATED[name]
+            return flag if value in ("True", "False", "None") else f"{flag} {value}"
+
+        message = re.sub(rf"(?<![\w-]){word}=('[^']*'|\"[^\"]*\"|[\w./-]+)", assigned, message)
+        bare = rf"(?<![\w=-]){word}(?![\w=-])"
+        if name in _WORDS:
+            after = "|".join(f"(?<={w} )" for w in ("pass", "with", "name", "another"))
+            bare = rf"(?:{after}){word}(?![\w=-])"
+        message = re.sub(bare, flag, message)
     return message
 
 
