@@ -112,3 +112,33 @@ def test_the_cli_restores_the_sigterm_handler(capsys, monkeypatch):
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_embed_json_summary_and_resume_lines(capsys, monkeypatch, tmp_path, tiny_dir):
+    out = tmp_path / "f.h5"
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 no")
+    args = ["embed", EXAMPLES / "chelsea.jpg", broken, "-o", out, "-m", tiny_dir.path, "-j", "0"]
+    code, stdout, err = run_cli(capsys, monkeypatch, *args, "--resume", "--json")
+    doc = json.loads(stdout)
+    assert code == 3 and doc["mode"] == "created" and doc["complete"] is True
+    assert (doc["rows"], doc["skipped"], doc["output"]) == (1, 1, str(out))
+    assert doc["images_per_s"] == pytest.approx(doc["rows"] / doc["seconds"], rel=0.01)
+    code, stdout, err = run_cli(capsys, monkeypatch, *args, "--resume")
+    assert code == 3 and stdout == "" and "already complete" in err  # the skip stays reported
+
+
+def test_tokens_are_names_not_characters_and_once_each(tmp_path, tiny_dir):
+    import dinoreg
+    from dinoreg.errors import UsageError
+
+    out = tmp_path / "f.h5"
+    dinoreg.embed(
+        [str(EXAMPLES / "chelsea.jpg")], out, model=str(tiny_dir.path), tokens="cls", workers=0
+    )
+    with h5py.File(out) as f:
+        assert "cls" in f and "patches" not in f
+    with pytest.raises(UsageError, match="cls more than once"):
+        dinoreg.embed(
+            [str(EXAMPLES)], tmp_path / "g.h5", model=str(tiny_dir.path), tokens="cls,CLS"
+        )

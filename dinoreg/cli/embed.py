@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from typing import Annotated
@@ -166,6 +167,10 @@ def embed(
         ),
     ] = False,
     quiet: QuietOpt = False,
+    json_out: Annotated[
+        bool,
+        typer.Option("--json", metavar="", help="The run summary as one JSON object on stdout."),
+    ] = False,
 ) -> None:
     """Embed images into an HDF5 file or a directory of .npy files (resumable)."""
     # With --keep-aspect rows are grouped by patch grid (by grid, then input order), not in input
@@ -189,13 +194,15 @@ def embed(
         device=device, dtype=dtype, batch_size=batch_size, workers=workers, compile=compile
     )
     stored = OutputOptions(
-        tokens=tuple(t.strip().lower() for t in tokens.split(",") if t.strip()),
+        tokens=tokens,
         store_dtype=store_dtype,
         format=format.value if format else None,
         mode="overwrite" if overwrite else "resume" if resume else "new",
         layers=parse_layers(layers),
         final_norm=not no_final_norm,
     )
+    if "-" in inputs and sys.stdin.isatty():
+        output.say("reading image paths from stdin, one per line; end with Ctrl-D")
     bar = output.ProgressBar("embed", enabled=not quiet)
     try:
         summary = run_embed(inputs, out, model, recipe, compute, stored, bar.update, sys.stdin)
@@ -204,21 +211,58 @@ def embed(
         s = stop.summary
         output.say(
             ("interrupted", "yellow"),
-            f": {s.rows} rows committed to {out}; continue with:\n  {_resume_command(ctx)}",
+            f": {s.rows} rows committed to {s.rows_at or out}; continue with:\n"
+            f"  {_resume_command(ctx)}",
         )
+        if json_out:
+            print(json.dumps(_summary_doc(s), ensure_ascii=False))
         raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
         bar.close()
-    if not quiet:
-        size = output.human_bytes(summary.bytes)
-        resumed = f", {summary.resumed} done by earlier runs" if summary.resumed else ""
-        earlier = f", {summary.failures_before} earlier" if summary.failures_before else ""
-        output.say(
-            f"embedded {summary.rows} images ({len(summary.failures)} skipped{earlier}{resumed}) "
-            f"in {summary.seconds:.1f} s, {summary.images_per_s:.1f} images/s -> {out} ({size})"
+    if summary.nonfinite_values:
+        output.warning(
+            f"{summary.nonfinite_values} values were beyond float16's range (+-65504) and are "
+            f"stored as inf in {out}; use --store-dtype float32 to keep them."
         )
+    if json_out:
+        print(json.dumps(_summary_doc(summary), ensure_ascii=False))
+    elif not quiet:
+        output.say(_summary_line(summary))
     if summary.failures or summary.failures_before:
         raise typer.Exit(EXIT_SKIPPED)  # the output lacks rows for some inputs
+
+
+def _summary_line(s) -> str:
+    if s.mode_used == "already-complete":
+        return f"{s.out} is already complete ({s.resumed} inputs); nothing to do"
+    size = output.human_bytes(s.bytes)
+    resumed = f", {s.resumed} done by earlier runs" if s.resumed else ""
+    earlier = f", {s.failures_before} earlier" if s.failures_before else ""
+    verb = "continued" if s.mode_used == "continued" else "embedded"
+    return (
+        f"{verb}: {s.rows} images ({len(s.failures)} skipped{earlier}{resumed}) in "
+        f"{s.seconds:.1f} s, {s.images_per_s:.1f} images/s -> {s.out} ({size})"
+    )
+
+
+def _summary_doc(s) -> dict:
+    """The run summary for scripts (`--json`): one object on stdout."""
+    return {
+        "output": str(s.out),
+        "complete": s.complete,
+        "mode": s.mode_used,
+        "rows": s.rows,
+        "skipped": len(s.failures),
+        "skipped_before": s.failures_before,
+        "resumed": s.resumed,
+        "inputs": s.inputs,
+        "seconds": round(s.seconds, 3),
+        "images_per_s": round(s.images_per_s, 3),
+        "bytes": s.bytes,
+        "rows_at": str(s.rows_at) if s.rows_at else None,
+        "nonfinite_values": s.nonfinite_values,
+        "times": s.times,
+    }
 
 
 def _resume_command(ctx: typer.Context) -> str:

@@ -39,7 +39,7 @@ Mode = Literal["new", "overwrite", "resume"]
 class OutputOptions:
     """What is stored and how."""
 
-    tokens: tuple[str, ...] = TOKENS
+    tokens: tuple[str, ...] | str = TOKENS  # a string is split on commas
     store_dtype: str = "float32"
     format: str | None = None  # None: from the output path
     mode: Mode = "new"
@@ -47,6 +47,16 @@ class OutputOptions:
     final_norm: bool = True  # apply the final LayerNorm to the stored blocks
 
     def __post_init__(self) -> None:
+        # "cls" or "cls,patches" is a list of names, not of characters; any case
+        given = self.tokens.split(",") if isinstance(self.tokens, str) else self.tokens
+        tokens = tuple(str(t).strip().lower() for t in given)
+        object.__setattr__(self, "tokens", tokens)
+        twice = sorted({t for t in tokens if tokens.count(t) > 1})
+        if twice:
+            raise UsageError(
+                f"tokens names {', '.join(twice)} more than once; list each token once.",
+                params=("tokens",),
+            )
         unknown = [t for t in self.tokens if t not in TOKENS]
         if unknown or not self.tokens:
             raise UsageError(
@@ -130,6 +140,7 @@ def provenance(prepared: PreparedModel, recipe: Recipe, output: OutputOptions) -
         "dim": model.cfg.dim,
         "depth": model.cfg.depth,
         "num_registers": model.cfg.num_registers,
+        "family": model.cfg.family,
         "image_size": recipe.image_size,
         "keep_aspect": recipe.keep_aspect,
         "grid": list(recipe.grid) if recipe.grid is not None else None,

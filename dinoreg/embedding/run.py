@@ -67,7 +67,8 @@ class RunSummary:
 
     @property
     def images_per_s(self) -> float:
-        return (self.rows + len(self.failures)) / self.seconds if self.seconds > 0 else 0.0
+        """Rows written per second (skipped inputs are not images embedded)."""
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
 
 
 class Interrupted(Exception):
@@ -90,7 +91,7 @@ def embed(
     max_size: int | None = None,
     layers: Sequence[int] | None = None,
     final_norm: bool = True,
-    tokens: Sequence[str] = TOKENS,
+    tokens: Sequence[str] | str = TOKENS,
     store_dtype: str = "float32",
     format: str | None = None,
     overwrite: bool = False,
@@ -125,7 +126,7 @@ def embed(
         device=device, dtype=dtype, batch_size=batch_size, workers=workers, compile=compile
     )
     output = OutputOptions(
-        tokens=tuple(tokens),
+        tokens=tokens,
         store_dtype=store_dtype,
         format=format,
         mode="overwrite" if overwrite else "resume" if resume else "new",
