@@ -142,3 +142,18 @@ def test_tokens_are_names_not_characters_and_once_each(tmp_path, tiny_dir):
         dinoreg.embed(
             [str(EXAMPLES)], tmp_path / "g.h5", model=str(tiny_dir.path), tokens="cls,CLS"
         )
+
+
+def test_info_reads_as_text_for_people(capsys, monkeypatch, tmp_path, tiny_dir):
+    out = tmp_path / "f.h5"
+    args = ["embed", EXAMPLES / "chelsea.jpg", "-o", out, "-m", tiny_dir.path, "-j", "0", "-q"]
+    assert run_cli(capsys, monkeypatch, *args)[0] == 0
+    code, stdout, _ = run_cli(capsys, monkeypatch, "info", out)
+    lines = stdout.splitlines()
+    assert code == 0 and lines[0] == f"{out}  (h5, complete)"
+    values = [line for line in lines[1:] if not line.startswith(" ") and line != "datasets"]
+    starts = {line.index(line.split()[1]) for line in values}
+    assert len(starts) == 1  # every value in one column, whatever the key's length
+    assert "None" not in stdout and "['" not in stdout  # no Python reprs
+    assert any(line.split() == ["grid", "16x16", "patches", "(h", "x", "w)"] for line in lines)
+    assert any(line.split()[:2] == ["paths", "(1)"] for line in lines)
