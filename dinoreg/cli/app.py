@@ -219,6 +219,8 @@ FLAGS = {
     "pca": "--pca",
     "fit_pca": "--fit-pca",
     "mask": "--mask",
+    "shard": "--shard",
+    "shards": "SHARD",
 }
 
 

@@ -167,6 +167,16 @@ def embed(
         ),
     ] = False,
     quiet: QuietOpt = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            metavar="I/N",
+            help="Embed only shard I of N (from 0) of the inputs, into OUT-0000I-of-0000N; "
+            "join the shards with dinoreg merge.",
+            rich_help_panel="Scaling out",
+        ),
+    ] = None,
     json_out: Annotated[
         bool,
         typer.Option("--json", metavar="", help="The run summary as one JSON object on stdout."),
@@ -178,6 +188,7 @@ def embed(
     # (under layers/<block>/); the final output equals --layers -1.
     from dinoreg.embedding.rows import OutputOptions
     from dinoreg.embedding.run import Interrupted, embed_recipe, run_embed
+    from dinoreg.embedding.shards import Shard
     from dinoreg.errors import UsageError
     from dinoreg.runtime import ComputeOptions
 
@@ -205,7 +216,10 @@ def embed(
         output.say("reading image paths from stdin, one per line; end with Ctrl-D")
     bar = output.ProgressBar("embed", enabled=not quiet)
     try:
-        summary = run_embed(inputs, out, model, recipe, compute, stored, bar.update, sys.stdin)
+        part = Shard.parse(shard) if shard is not None else None
+        summary = run_embed(
+            inputs, out, model, recipe, compute, stored, bar.update, sys.stdin, part
+        )
     except Interrupted as stop:
         bar.close()
         s = stop.summary

@@ -62,6 +62,11 @@ def _lines(about) -> list[str]:
     else:
         state = "INCOMPLETE: continue it with dinoreg embed ... --resume"
     rows = [("rows", str(about.rows)), ("failures", str(len(about.failures)))]
+    if isinstance(about.meta.get("shard"), list):
+        i, n = about.meta["shard"]
+        first = about.meta.get("shard_first", 0)
+        total = (about.meta.get("inputs_all") or {}).get("count", "?")
+        rows.append(("shard", f"{i} of {n} (inputs from {first} of {total}; dinoreg merge)"))
     if about.staged_at is not None:
         rows.append(("staged rows", str(about.staged_at)))
     meta = about.meta

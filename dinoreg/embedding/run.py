@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
+
 from dinoreg.batches import StageTimes, run_batches
 from dinoreg.embedding.rows import (
     TOKENS,
@@ -23,10 +25,13 @@ from dinoreg.embedding.rows import (
     provenance,
     resolve_layers,
 )
+from dinoreg.embedding.shards import Shard, shard_path
 from dinoreg.errors import UsageError
 from dinoreg.inputs.discover import as_input_list, discover
 from dinoreg.inputs.recipe import Recipe
 from dinoreg.output.background import BackgroundWriter
+from dinoreg.output.layout import DatasetSpec
+from dinoreg.output.shards import INDEX, shard_meta
 from dinoreg.output.writer import OutputSpec, Writer, check_output, infer_format
 from dinoreg.runtime import ComputeOptions, prepare_model
 
@@ -101,6 +106,7 @@ def embed(
     batch_size: int = 16,
     workers: int | None = None,
     compile: bool = False,
+    shard: str | tuple[int, int] | None = None,
     progress: Callable[[Progress], None] | None = None,
     stdin: TextIO | None = None,
 ) -> RunSummary:
@@ -113,7 +119,9 @@ def embed(
     (grid, input index) order) rather than in input order. `layers` (block indices, negative
     from the end) stores those blocks' tokens as `layers/<block>/<token>` instead of the final
     output, final-normed unless `final_norm=False`. `compile` runs the model through
-    torch.compile (a one-off cost per input shape; pays off on long GPU runs).
+    torch.compile (a one-off cost per input shape; pays off on long GPU runs). `shard` "I/N"
+    embeds shard I of N of the inputs into `<out stem>-0000I-of-0000N<suffix>` (`dinoreg.merge`
+    joins the shards into one output).
     """
     if overwrite and resume:
         raise UsageError(
@@ -133,7 +141,8 @@ def embed(
         layers=tuple(layers) if layers is not None else None,
         final_norm=final_norm,
     )
-    return run_embed(inputs, out, model, recipe, compute, output, progress, stdin)
+    part = Shard.parse(shard) if shard is not None else None
+    return run_embed(inputs, out, model, recipe, compute, output, progress, stdin, part)
 
 
 def embed_recipe(
@@ -170,19 +179,31 @@ def run_embed(
     output: OutputOptions,
     progress: Callable[[Progress], None] | None = None,
     stdin: TextIO | None = None,
+    shard: Shard | None = None,
 ) -> RunSummary:
     """The embed run with its configuration already built (the CLI calls this)."""
     start = time.perf_counter()
     fmt = infer_format(out, output.format)  # before Path() drops a trailing slash
-    out = Path(out)
+    out = shard_path(out, shard) if shard is not None else Path(out)
     check_output(out, output.mode, fmt)  # refuse before anything slow happens
     paths = discover(as_input_list(inputs), stdin=stdin)
+    first = 0
+    if shard is not None:
+        everything = paths
+        first, stop = shard.bounds(len(everything))
+        paths = everything[first:stop]
     prepared = prepare_model(model_name, compute)
     model = prepared.model
     if output.layers is not None:
         output = dataclasses.replace(output, layers=resolve_layers(output.layers, model.cfg.depth))
     datasets = dataset_specs(model.cfg.dim, model.cfg.num_registers, recipe.grid, output)
     meta = provenance(prepared, recipe, output)
+    index = None
+    if shard is not None:
+        # rows carry their position in the whole input list; merge checks the shards agree on it
+        datasets = (*datasets, DatasetSpec(INDEX, (), "int64"))
+        meta |= shard_meta(shard.index, shard.count, everything, first)
+        index = {p: first + i for i, p in enumerate(paths)}
     spec = OutputSpec(path=out, format=fmt, datasets=datasets)
     with Writer.open(spec, meta, output.mode, inputs=paths) as writer:
         todo = writer.pending(paths)  # by identity: ./a.jpg and a.jpg are one input
@@ -203,7 +224,8 @@ def run_embed(
         try:
             if writer.mode_used != "already-complete":
                 device = prepared.device
-                _loop(forward, todo, recipe, compute, device, writer, summary, times, progress)
+                run = _Run(forward, recipe, compute, device, writer, summary, times, progress)
+                _loop(run, todo, index)
         except KeyboardInterrupt:
             interrupted = True
         writer.close(complete=not interrupted)
@@ -218,20 +240,36 @@ def run_embed(
     return summary
 
 
-def _loop(forward, todo, recipe, compute, device, writer, summary, times, progress):
-    with BackgroundWriter(writer) as background:
+@dataclass
+class _Run:
+    forward: Callable
+    recipe: Recipe
+    compute: ComputeOptions
+    device: object
+    writer: Writer
+    summary: RunSummary
+    times: StageTimes
+    progress: Callable[[Progress], None] | None
+
+
+def _loop(run: _Run, todo: list[str], index: dict[str, int] | None) -> None:
+    summary, times = run.summary, run.times
+    with BackgroundWriter(run.writer) as background:
         done = 0
-        lock = (writer.lock_fd,)  # decode workers must not keep the output locked
-        for result in run_batches(todo, recipe, compute, forward, device, times, lock):
+        lock = (run.writer.lock_fd,)  # decode workers must not keep the output locked
+        batches = run_batches(todo, run.recipe, run.compute, run.forward, run.device, times, lock)
+        for result in batches:
             tick = time.perf_counter()
             arrays = result.outputs if result.outputs is not None else {}  # failures only
+            if index is not None and result.paths:
+                arrays[INDEX] = np.array([index[p] for p in result.paths], np.int64)
             background.submit(result.paths, arrays, result.failures)
             times.write += time.perf_counter() - tick
             summary.rows += len(result.paths)
             summary.failures.extend(result.failures)
             done += len(result.paths) + len(result.failures)
-            if progress is not None:
-                progress(Progress(done, len(todo), summary.rows, result.failures))
+            if run.progress is not None:
+                run.progress(Progress(done, len(todo), summary.rows, result.failures))
 
 
 def _size_on_disk(path: Path) -> int:
