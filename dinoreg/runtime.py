@@ -41,6 +41,21 @@ class ComputeOptions:
             )
 
 
+def device_list(spec: str) -> list[str]:
+    """The devices a run uses: `cpu,cpu` or `cuda:0,cuda:2` as listed; `cuda` and `auto` every
+    visible GPU; anything else the one device. Each listed device must exist."""
+    names = [s.strip() for s in spec.split(",")]
+    if len(names) > 1:
+        if not all(names):
+            raise UsageError(f"device list {spec!r} has an empty entry.", params=("device",))
+        for name in names:
+            choose_device(name)
+        return names
+    if spec in ("cuda", "auto") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [spec]
+
+
 def choose_device(spec: str) -> torch.device:
     """`auto` picks CUDA, then MPS, then CPU; an explicit device must exist."""
     if spec == "auto":

@@ -33,7 +33,7 @@ from dinoreg.output.background import BackgroundWriter
 from dinoreg.output.layout import DatasetSpec
 from dinoreg.output.shards import INDEX, shard_meta
 from dinoreg.output.writer import OutputSpec, Writer, check_output, infer_format
-from dinoreg.runtime import ComputeOptions, prepare_model
+from dinoreg.runtime import ComputeOptions, device_list, prepare_model
 
 
 @dataclass
@@ -181,14 +181,47 @@ def run_embed(
     stdin: TextIO | None = None,
     shard: Shard | None = None,
 ) -> RunSummary:
-    """The embed run with its configuration already built (the CLI calls this)."""
-    start = time.perf_counter()
+    """The embed run with its configuration already built (the CLI calls this).
+
+    Several devices (`cpu,cpu`, `cuda:0,cuda:2`, or `cuda`/`auto` with several GPUs visible)
+    run one process each (`dinoreg.embedding.devices`) and end in one output.
+    """
     fmt = infer_format(out, output.format)  # before Path() drops a trailing slash
-    out = shard_path(out, shard) if shard is not None else Path(out)
-    check_output(out, output.mode, fmt)  # refuse before anything slow happens
+    devices = device_list(compute.device)
+    if len(devices) > 1 and shard is not None:
+        raise UsageError(
+            "shard and several devices do not combine; give one device per shard job.",
+            params=("shard", "device"),
+        )
+    target = shard_path(out, shard) if shard is not None else Path(out)
+    check_output(target, output.mode, fmt)  # refuse before anything slow happens
     paths = discover(as_input_list(inputs), stdin=stdin)
+    if len(devices) > 1:
+        from dinoreg.embedding.devices import run_on_devices
+
+        out = Path(out)
+        return run_on_devices(
+            paths, out, fmt, model_name, recipe, compute, output, devices, progress
+        )
+    return embed_paths(paths, Path(out), fmt, model_name, recipe, compute, output, progress, shard)
+
+
+def embed_paths(
+    paths: list[str],
+    out: Path,
+    fmt: str,
+    model_name: str,
+    recipe: Recipe,
+    compute: ComputeOptions,
+    output: OutputOptions,
+    progress: Callable[[Progress], None] | None = None,
+    shard: Shard | None = None,
+) -> RunSummary:
+    """Embed an already discovered input list (sorted, de-duplicated) on one device."""
+    start = time.perf_counter()
     first = 0
     if shard is not None:
+        out = shard_path(out, shard)
         everything = paths
         first, stop = shard.bounds(len(everything))
         paths = everything[first:stop]
