@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinoreg import __version__
 from dinoreg.embedding.rows import TOKENS, OutputOptions, make_forward
 from dinoreg.embedding.run import embed_recipe
 from dinoreg.errors import UsageError
@@ -250,25 +249,3 @@ def embed_with_ray(
     )
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-def shard_meta(options: EmbedderOptions, sha256: str, num_inputs: int) -> dict[str, Any]:
-    """Provenance shared by every shard of a run (the keys `dinoreg.embedding.rows` records)."""
-    recipe = options.recipe
-    return {
-        "dinoreg_version": __version__,
-        "model": options.model,
-        "weights_sha256": sha256,
-        "image_size": recipe.image_size,
-        "keep_aspect": False,
-        "grid": list(recipe.grid) if recipe.grid else None,
-        "recipe": recipe.to_dict(),
-        "compute_dtype": options.dtype,  # as asked: each actor resolves "auto" on its device
-        "store_dtype": options.store_dtype,
-        "tokens": list(options.tokens),
-        "layers": None,
-        "final_norm": True,
-        "device": options.device,
-        "num_inputs": num_inputs,
-        "writer": "dinoreg.ray",
-    }

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from dinoreg import __version__
 from dinoreg.distributed import shards as sh
 from dinoreg.errors import OutputError
 from dinoreg.model.files import file_sha256
@@ -29,7 +30,6 @@ from dinoreg.ray import (
     RayOptions,
     RayProgress,
     RayRunSummary,
-    shard_meta,
 )
 
 # Enough blocks that a retried block costs little, few enough that planning stays cheap.
@@ -82,6 +82,28 @@ def run(
         return summary
     finally:
         os.close(lock)
+
+
+def shard_meta(options: EmbedderOptions, sha256: str, num_inputs: int) -> dict[str, Any]:
+    """Provenance shared by every shard of a run (the keys `dinoreg.embedding.rows` records)."""
+    recipe = options.recipe
+    return {
+        "dinoreg_version": __version__,
+        "model": options.model,
+        "weights_sha256": sha256,
+        "image_size": recipe.image_size,
+        "keep_aspect": False,
+        "grid": list(recipe.grid) if recipe.grid else None,
+        "recipe": recipe.to_dict(),
+        "compute_dtype": options.dtype,  # as asked: each actor resolves "auto" on its device
+        "store_dtype": options.store_dtype,
+        "tokens": list(options.tokens),
+        "layers": None,
+        "final_norm": True,
+        "device": options.device,
+        "num_inputs": num_inputs,
+        "writer": "dinoreg.ray",
+    }
 
 
 def _shards_to_write(
