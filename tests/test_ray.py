@@ -181,6 +181,7 @@ class KillOne:
             self.before = set(pids)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds actor processes through /proc")
 def test_killed_actor_loses_no_rows(ray, images, local, tiny_dir, tmp_path):
     from dinoreg.ray import embed_with_ray
