@@ -38,7 +38,7 @@ from dinoreg.inputs.discover import as_input_list, discover
 from dinoreg.inputs.recipe import Recipe, preprocess, to_rgb
 from dinoreg.runtime import ComputeOptions, prepare_model
 
-RAY_PIN = "ray[data]>=2.60,<3"
+RAY_PIN = "ray[data]>=2.60,<2.64"  # 2.64 drops max_restarts/max_task_retries in map_batches
 
 
 def decode_bytes(
