@@ -1,0 +1,1 @@
+"""Running dinoreg across machines: shard files shared by `--ray` and `dinoreg merge`."""
