@@ -95,6 +95,19 @@ def test_shards_equal_local_embed(ray, images, local, tiny_dir, tmp_path):
     assert list(got["failed"]) == [str(images / "broken.jpg")]
     assert summary.rows == 7 and summary.num_actors == 2
 
+    # `dinoreg merge` joins the Ray shards into the output a local run writes
+    from dinoreg.output.shards import merge
+
+    merged = merge(summary.shards, tmp_path / "merged.h5")
+    assert merged.rows == 7 and merged.failures == 1
+    from dinoreg import read
+
+    with read(tmp_path / "merged.h5") as rows:
+        rows = list(rows)
+    assert [r.path for r in rows] == local["paths"]
+    diffs = [float(np.abs(r.cls - c).max()) for r, c in zip(rows, local["cls"], strict=True)]
+    assert max(diffs) <= TOL
+
     with h5py.File(summary.shards[0], "r") as f:
         meta = {k: f.attrs[k] for k in ("shard", "num_shards", "start", "stop", "complete")}
         assert list(f["failed/index"][:]) == [1]

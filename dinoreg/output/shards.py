@@ -29,10 +29,12 @@ from dinoreg.output.state import infer_format
 from dinoreg.output.writer import Mode, OutputSpec, Writer, check_output
 
 INDEX = "index"
-SHARD_KEYS = ("shard", "shard_first", "inputs_all")
+# per-shard keys, left out of the merged output (`embed --shard` writes the first three; the
+# Ray driver, `dinoreg.distributed`, the others)
+SHARD_KEYS = ("shard", "shard_first", "inputs_all", "num_shards", "start", "stop", "rows")
 _BLOCK_ROWS = 1024
 # what must agree across shards besides the settings that change the numbers
-_SAME = (*RESUME_KEYS, "inputs_all", "dim", "num_registers", "model")
+_SAME = (*RESUME_KEYS, "inputs_all", "num_inputs", "dim", "num_registers")
 
 
 def shard_meta(index: int, count: int, inputs: Sequence[str], first: int) -> dict[str, Any]:
@@ -67,7 +69,7 @@ def merge(
     with ExitStack() as stack:
         sources = _check([Path(s) for s in shards], stack)
         first = sources[0]
-        specs = [DatasetSpec.from_json(d) for d in first.meta["datasets"] if d["name"] != INDEX]
+        specs = _datasets(first)
         meta = {k: v for k, v in first.meta.items() if k not in (*SHARD_KEYS, *_WRITER_KEYS)}
         meta["datasets_merged_from"] = len(sources)
         spec = OutputSpec(path=out, format=fmt, datasets=tuple(specs))
@@ -88,6 +90,27 @@ def merge(
 _WRITER_KEYS = ("created", "complete", "run_id", "inputs", "nonfinite_values", "datasets")
 
 
+def position(meta: dict[str, Any]) -> tuple[int, int] | None:
+    """(I, N) of a shard from either writer's metadata; None for an output that is no shard."""
+    shard = meta.get("shard")
+    if isinstance(shard, list) and len(shard) == 2:
+        return int(shard[0]), int(shard[1])
+    if isinstance(shard, int) and isinstance(meta.get("num_shards"), int):
+        return shard, meta["num_shards"]
+    return None
+
+
+def _datasets(src: Source) -> list[DatasetSpec]:
+    """The row datasets to merge: as recorded by the writer, else as found in the file."""
+    if "datasets" in src.meta:
+        return [DatasetSpec.from_json(d) for d in src.meta["datasets"] if d["name"] != INDEX]
+    return [
+        DatasetSpec(name, tuple(shape[1:]), dtype)
+        for name, (shape, dtype) in src.shapes.items()
+        if name not in (INDEX, "paths") and not name.startswith("failed/")
+    ]
+
+
 def _check(paths: list[Path], stack: ExitStack) -> list[Source]:
     if not paths:
         raise UsageError("merge needs the shard outputs to join.", params=("shards",))
@@ -97,7 +120,7 @@ def _check(paths: list[Path], stack: ExitStack) -> list[Source]:
             src = open_source(path, stack)
         except OutputError as exc:
             raise OutputError(f"cannot merge {path}: {exc}", params=("shards",)) from None
-        if not isinstance(src.meta.get("shard"), list):
+        if position(src.meta) is None:
             not_shards.append(str(path))
         elif not src.complete:
             incomplete.append(str(path))
@@ -114,15 +137,15 @@ def _check(paths: list[Path], stack: ExitStack) -> list[Source]:
             "merge again.",
             params=("shards", "resume"),
         )
-    count = sources[0].meta["shard"][1]
+    count = position(sources[0].meta)[1]
     by_index: dict[int, list[str]] = {}
     for src in sources:
-        by_index.setdefault(src.meta["shard"][0], []).append(str(src.path))
+        by_index.setdefault(position(src.meta)[0], []).append(str(src.path))
     twice = {i: p for i, p in by_index.items() if len(p) > 1}
     if twice:
         i, names = min(twice.items())
         raise OutputError(f"shard {i} is given twice ({', '.join(names)}).", params=("shards",))
-    counts = {src.meta["shard"][1] for src in sources}
+    counts = {position(src.meta)[1] for src in sources}
     missing = [i for i in range(count) if i not in by_index]
     if len(counts) > 1 or missing:
         shown = ", ".join(f"{i}/{count}" for i in missing[:8])
@@ -131,7 +154,7 @@ def _check(paths: list[Path], stack: ExitStack) -> list[Source]:
         raise OutputError(
             f"cannot merge: {what}; give all {count} shards of one run.", params=("shards",)
         )
-    sources.sort(key=lambda s: s.meta["shard"][0])
+    sources.sort(key=lambda s: position(s.meta)[0])
     ref = sources[0]
     for src in sources[1:]:
         differ = [k for k in _SAME if src.meta.get(k) != ref.meta.get(k)]
