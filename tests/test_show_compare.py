@@ -87,7 +87,9 @@ def test_histogram_has_its_size_and_one_colour_per_model():
     colours = {tuple(c) for c in np.asarray(picture).reshape(-1, 3)}
     assert norms.PALETTE[0] in colours and norms.PALETTE[1] in colours
     edges = norms.shared_bins([a, b])
-    assert edges[0] == min(a.norms.min(), b.norms.min()) and edges[-1] == 400.0
+    assert edges[0] == min(a.norms.min(), b.norms.min()) and 400.0 < edges[-1] < 410.0
+    cut = norms.HistogramSeries("c", np.array([1.0, 2.0]), threshold=30.0)
+    assert norms.shared_bins([cut])[-1] > 30.0  # the cut is inside the picture
 
 
 # -- the library -----------------------------------------------------------------------------

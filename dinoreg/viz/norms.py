@@ -104,11 +104,14 @@ class HistogramSeries:
 
 
 def shared_bins(series: Sequence[HistogramSeries], bins: int = HIST_BINS) -> np.ndarray:
-    """Bin edges over the range of every series, so the models' counts are comparable."""
+    """Bin edges over the range of every series, so the models' counts are comparable; the range
+    reaches the outlier thresholds too, so each cut is drawn even where no token passes it."""
     values = np.concatenate([np.asarray(s.norms, np.float64).ravel() for s in series])
-    lo, hi = float(values.min()), float(values.max())
-    if not hi > lo:
-        hi = lo + 1.0  # a constant set still gets one readable bin
+    cuts = [s.threshold for s in series if s.threshold is not None]
+    lo, hi = float(values.min()), max(float(values.max()), *cuts)
+    # a margin, so a cut at the very top is not hidden by the frame; a constant set still gets
+    # a readable axis
+    hi = hi + 0.02 * (hi - lo) if hi > lo else lo + 1.0
     return np.linspace(lo, hi, bins + 1)
 
 
