@@ -137,10 +137,16 @@ def test_compare_writes_one_sheet_per_image_with_a_row_per_model(tmp_path, tiny_
             assert im.size == norms.HIST_SIZE
 
 
-def test_compare_is_deterministic_and_never_overwrites(tmp_path, tiny_dir, plain_dir):
+def test_compare_is_deterministic_skips_broken_files_and_never_overwrites(
+    tmp_path, tiny_dir, plain_dir
+):
     models = [str(tiny_dir.path), str(plain_dir.path)]
     options = ShowOptions(size=56)
-    first = compare(models, PHOTOS[:1], tmp_path / "a", options, CPU)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    first = compare(models, [PHOTOS[0], str(broken)], tmp_path / "a", options, CPU)
+    assert [r.stem for r in first.images] == ["chelsea"]
+    assert [path for path, _ in first.failed] == [str(broken)]
     compare(models, PHOTOS[:1], tmp_path / "b", options, CPU)
     name = first.files[0].name
     assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

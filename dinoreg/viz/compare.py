@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from dinoreg.errors import OutputError, UsageError
@@ -177,27 +178,22 @@ def compare(
                         failed[path] = exc.reason
                     else:
                         maps = _model_maps(prepared, name, image, options)
-                        maps.save(scratch / f"{i}-{m}.npz")
-                        if last:
-                            rows = [ModelMaps.load(scratch / f"{i}-{k}.npz") for k in range(m + 1)]
-                            reports.append(_finish(image, rows, path, stem, names[i], out, options))
+                        if not last:
+                            maps.save(scratch / f"{i}-{m}.npz")
+                        else:  # every model has seen this image: its sheet can be drawn now
+                            rows = [ModelMaps.load(scratch / f"{i}-{k}.npz") for k in range(m)]
+                            done = _finish(image, [*rows, maps], path, stem, names[i], out, options)
+                            reports.append(done)
                 if progress:
                     progress(name, i + 1, len(paths))
             del prepared
-            _free_memory()
+            gc.collect()  # the next model must not sit next to this one's weights and caches
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     files = tuple(f for r in reports for f in r.files)
     return CompareResult(files, tuple(reports), tuple(failed.items()), tuple(models))
-
-
-def _free_memory() -> None:
-    # The next model must not sit next to this one's weights and caches.
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _load(path: str, options: ShowOptions, patch: int) -> Image.Image:
