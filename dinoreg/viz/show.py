@@ -7,7 +7,8 @@ and maps are drawn patch for patch on it, so overlays line up exactly.
 
 Files per image, in this order: `<stem>_pca.png`, `<stem>_attn_mean.png`, one
 `<stem>_attn_head<k>.png` per head (k zero-padded to the width of the last head's index, so
-they sort), `<stem>_norm.png`, `<stem>_sheet.png`.
+they sort), `<stem>_norm.png`, `<stem>_sheet.png`, and with `norms_histogram`
+`<stem>_norm_histogram.png` (`viz.norms`). `viz.compare` puts several models side by side.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dinoreg.inputs.normalise import normalise
 from dinoreg.inputs.recipe import PATCH_SIZE, Recipe, aspect_size, resize
 from dinoreg.runtime import PreparedModel
 from dinoreg.viz import draw
+from dinoreg.viz.norms import HistogramSeries, histogram_picture, norm_stats, patch_norms
 from dinoreg.viz.pca import PCA, PCAAccumulator, fit_patches
 
 Progress = Callable[[str, int, int], None]  # (stage "fit" or "render", done, total)
@@ -46,6 +48,7 @@ class ShowOptions:
     attention_cmap: str = "inferno"
     norm_cmap: str = "viridis"
     overwrite: bool = False
+    norms_histogram: bool = False  # also a log-count histogram of the patch-token norms
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < PATCH_SIZE:
@@ -83,6 +86,7 @@ class ImageReport:
     median_norm: float
     foreground: float | None  # share of patches in the mask, when masking
     files: tuple[Path, ...]
+    outlier_share: float = 0.0  # share of high-norm patch tokens (`viz.norms.norm_stats`)
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,7 @@ def unique_stems(paths: Sequence[str]) -> list[str]:
     return stems
 
 
-def output_names(stem: str, heads: int, with_heads: bool = True) -> list[str]:
+def output_names(stem: str, heads: int, with_heads: bool = True, hist: bool = False) -> list[str]:
     """The file names `show` writes for one image, in order."""
     digits = len(str(max(heads - 1, 0)))
     per_head = [f"{stem}_attn_head{k:0{digits}d}.png" for k in range(heads)] if with_heads else []
@@ -118,6 +122,7 @@ def output_names(stem: str, heads: int, with_heads: bool = True) -> list[str]:
         *per_head,
         f"{stem}_norm.png",
         f"{stem}_sheet.png",
+        *([f"{stem}_norm_histogram.png"] if hist else []),
     ]
 
 
@@ -206,9 +211,9 @@ def show(
     """
     model = prepared.model
     out = Path(out_dir)
-    heads, registers = model.cfg.heads, model.cfg.num_registers
+    heads, regs, hist = model.cfg.heads, model.cfg.num_registers, options.norms_histogram
     stems = unique_stems(paths)
-    planned = [out / n for s in stems for n in output_names(s, heads, options.heads)]
+    planned = [out / n for s in stems for n in output_names(s, heads, options.heads, hist)]
     if options.fit_pca is not None:
         planned.append(Path(options.fit_pca))
     existing = [str(p) for p in planned if p.exists()]
@@ -240,7 +245,7 @@ def show(
                 failed.append((path, exc.reason))
             else:
                 maps = _run(prepared, to_pixels(image, model))
-                reports.append(_draw(image, maps, stem, path, out, shared, options, registers))
+                reports.append(_draw(image, maps, stem, path, out, shared, options, regs, name))
         if progress:
             progress("render", i + 1, len(paths))
     files = tuple(f for r in reports for f in r.files)
@@ -256,6 +261,7 @@ def _draw(
     shared: PCA | None,
     options: ShowOptions,
     registers: int,
+    model_name: str = "",
 ) -> ImageReport:
     size = image.size
     h, w = maps.patches.shape[:2]
@@ -280,7 +286,8 @@ def _draw(
     per_head = maps.cls_attention[:, 1 + registers :].reshape(-1, h, w)  # (heads, h, w)
     attn_mean = heat(per_head.mean(axis=0), options.attention_cmap)
     attn_heads = [heat(a, options.attention_cmap) for a in per_head]
-    norms = np.linalg.norm(maps.raw, axis=-1)
+    norms = patch_norms(maps.raw)
+    stats = norm_stats(norms)
     norm_png = heat(norms, options.norm_cmap)
 
     pca_label = "PCA 1-3 as RGB" + (f", foreground {foreground:.0%}" if options.mask else "")
@@ -294,9 +301,11 @@ def _draw(
             for k, (m, a) in enumerate(zip(to_registers, attn_heads, strict=True))
         ],
     ]
-    names = output_names(stem, len(per_head), options.heads)
+    names = output_names(stem, len(per_head), options.heads, options.norms_histogram)
     shown_heads = attn_heads if options.heads else []
     pictures = [pca_png, attn_mean, *shown_heads, norm_png, draw.contact_sheet(tiles)]
+    if options.norms_histogram:
+        pictures.append(histogram_picture([HistogramSeries.of(model_name, norms, stats)]))
     files = tuple(draw.write_png(out / n, p) for n, p in zip(names, pictures, strict=True))
     return ImageReport(
         path=path,
@@ -309,4 +318,5 @@ def _draw(
         median_norm=float(np.median(norms)),
         foreground=foreground,
         files=files,
+        outlier_share=stats.outlier_share,
     )
