@@ -220,6 +220,8 @@ FLAGS = {
     "fit_pca": "--fit-pca",
     "mask": "--mask",
     "shard": "--shard",
+    "compare": "--compare",
+    "norms_histogram": "--norms-histogram",
     "shards": "SHARD",
 }
 
