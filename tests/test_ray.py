@@ -240,3 +240,26 @@ def test_cli_and_package_do_not_import_ray():
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_cli_embed_on_ray_then_merge(ray, images, local, tiny_dir, tmp_path, capsys, monkeypatch):
+    import io
+    import sys
+
+    from dinoreg import read
+    from dinoreg.cli.app import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    args = ["embed", str(images), "-o", str(tmp_path / "shards"), "-m", str(tiny_dir.path)]
+    args += ["--ray", "local", "--shards", "2", "--merge", str(tmp_path / "all.h5"), "-b", "2"]
+    args += ["--device", "cpu", "--dtype", "fp32"]
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    err = capsys.readouterr().err
+    assert done.value.code == 3, err  # broken.jpg skipped, named
+    assert "skipped" in err and "broken.jpg" in err and "merged into" in err
+    with read(tmp_path / "all.h5") as rows:
+        rows = list(rows)
+    assert [r.path for r in rows] == local["paths"]
+    diffs = [float(np.abs(r.cls - c).max()) for r, c in zip(rows, local["cls"], strict=True)]
+    assert max(diffs) <= TOL

@@ -167,6 +167,35 @@ def embed(
         ),
     ] = False,
     quiet: QuietOpt = False,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="Run the whole job on Ray: local (a Ray on this machine), auto (this machine's "
+            "cluster) or ray://host:port; --out is then a directory of shard files.",
+            rich_help_panel="Scaling out",
+        ),
+    ] = None,
+    shards: Annotated[
+        int,
+        typer.Option(
+            "--shards",
+            metavar="N",
+            min=1,
+            help="With --ray: shard files to write.",
+            rich_help_panel="Scaling out",
+        ),
+    ] = 1,
+    merge_to: Annotated[
+        str | None,
+        typer.Option(
+            "--merge",
+            metavar="PATH",
+            help="With --ray: merge the shards into this output.",
+            rich_help_panel="Scaling out",
+        ),
+    ] = None,
     shard: Annotated[
         str | None,
         typer.Option(
@@ -214,6 +243,13 @@ def embed(
     )
     if "-" in inputs and sys.stdin.isatty():
         output.say("reading image paths from stdin, one per line; end with Ctrl-D")
+    if ray is not None:
+        from dinoreg.cli.embed_ray import embed_on_ray
+
+        embed_on_ray(inputs, out, model, recipe, compute, stored, ray, shards, merge_to, quiet)
+        return
+    if merge_to is not None:
+        raise UsageError("--merge goes with --ray (for --shard runs, use dinoreg merge).")
     bar = output.ProgressBar("embed", enabled=not quiet)
     try:
         part = Shard.parse(shard) if shard is not None else None
