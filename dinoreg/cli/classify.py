@@ -105,8 +105,10 @@ def classify(
 
 
 def _tsv(text: str) -> str:
-    # a tab or newline inside a field would break the columns
-    return json.dumps(text, ensure_ascii=False) if any(c in text for c in '\t\n\r"\\') else text
+    # the one quoting rule of every text file dinoreg writes (paths.txt, failed.tsv)
+    from dinoreg.output.layout import encode_field
+
+    return encode_field(text)
 
 
 def _print_table(item) -> None:
