@@ -289,10 +289,15 @@ def _summary_line(s) -> str:
     resumed = f", {s.resumed} done by earlier runs" if s.resumed else ""
     earlier = f", {s.failures_before} earlier" if s.failures_before else ""
     verb = "continued" if s.mode_used == "continued" else "embedded"
-    return (
+    line = (
         f"{verb}: {s.rows} images ({len(s.failures)} skipped{earlier}{resumed}) in "
         f"{s.seconds:.1f} s, {s.images_per_s:.1f} images/s -> {s.out} ({size})"
     )
+    loop = sum(s.times.get(k, 0.0) for k in ("wait_input", "forward", "write"))
+    if loop > 0:
+        # the one number that says whether more decode workers (or GPU decoding) would help
+        line += f"; the model waited on input {s.times.get('wait_input', 0.0) / loop:.0%}"
+    return line
 
 
 def _summary_doc(s) -> dict:
