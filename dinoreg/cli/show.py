@@ -48,7 +48,15 @@ def show(
         bool,
         typer.Option("--norms-histogram", help="Also a log-count histogram of patch-token norms."),
     ] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing PNGs.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", metavar="", help="Replace existing PNGs.")
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", metavar="", help="Skip images whose pictures are all there (a rerun)."
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -70,6 +78,7 @@ def show(
         fit_pca=fit_pca,
         heads=not no_heads,
         overwrite=overwrite,
+        resume=resume,
         norms_histogram=norms_histogram,
     )
 
@@ -92,17 +101,23 @@ def show(
         return
     paths = discover(inputs, stdin=sys.stdin)
     net = prepare_model(model, ComputeOptions(device=device))
-    result = draw(net, paths, out, options, progress)
-    for path, reason in result.failed:
-        output.skipped(path, reason)
-    for report in result.images:
-        # stdout: one line per image with the numbers worth comparing (results, not chatter)
+
+    def one_image(report) -> None:
+        # each image's line as it is drawn: results on stdout, problems on stderr
+        if isinstance(report, tuple):
+            output.skipped(*report)
+            return
+        if report.upscale > 2:
+            output.warning(
+                f"{report.path} was enlarged {report.upscale:.1f}x to {report.size[0]}x"
+                f"{report.size[1]}; its patches show interpolated pixels (try a smaller --size)."
+            )
         if json_out:
             doc = {
                 "path": report.path,
                 "files": [str(f) for f in report.files],
-                "size": list(report.size),
-                "grid": list(report.grid),
+                "size": {"width": report.size[0], "height": report.size[1]},
+                "grid": {"rows": report.grid[0], "columns": report.grid[1]},
                 "register_attention": round(report.register_attention, 6),
                 "max_norm": round(report.max_norm, 4),
                 "median_norm": round(report.median_norm, 4),
@@ -114,8 +129,11 @@ def show(
                 f"{report.path}\t{report.size[0]}x{report.size[1]}\t"
                 f"register_attention={report.register_attention:.3f}\t"
                 f"max_norm={report.max_norm:.1f}\tmedian_norm={report.median_norm:.1f}\t"
-                f"outlier_share={report.outlier_share:.4f}"
+                f"outlier_share={report.outlier_share:.4f}",
+                flush=True,
             )
+
+    result = draw(net, paths, out, options, progress, one_image)
     if not quiet:
         saved = f"; PCA saved to {result.pca_file}" if result.pca_file else ""
         output.say(f"wrote {len(result.files)} pictures to {out}{saved}")
@@ -133,8 +151,8 @@ def _print_compare(result, json_out: bool, quiet: bool, out: Path) -> None:
             doc = {
                 "path": report.path,
                 "files": [str(f) for f in report.files],
-                "size": list(report.size),
-                "grid": list(report.grid),
+                "size": {"width": report.size[0], "height": report.size[1]},
+                "grid": {"rows": report.grid[0], "columns": report.grid[1]},
                 "models": [
                     {
                         "model": row.model,

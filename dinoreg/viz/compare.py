@@ -285,7 +285,10 @@ def compare_sheet(
         pen.text((x + 2, y - ROW_HEADER + 2), label, fill=draw.SHEET_TEXT)
         pca = draw.upsample(m.pca.astype(np.float64), size, options.upsample)
         tiles = [
-            (f"image {size[0]}x{size[1]}, {m.row.grid[0]}x{m.row.grid[1]} patches", picture),
+            (
+                f"image {size[0]}x{size[1]} (w x h), grid {m.row.grid[0]}x{m.row.grid[1]} (h x w)",
+                picture,
+            ),
             (
                 f"CLS attention, mean of heads; scale shared by rows {attn_lo:.3g}..{attn_hi:.3g}",
                 heat(m.attention, attn_lo, attn_hi, options.attention_cmap),

@@ -40,6 +40,7 @@ _ANCHORS: dict[str, tuple[str, ...]] = {
 COLORMAPS: tuple[str, ...] = tuple(_ANCHORS)
 
 # Contact-sheet geometry, in pixels.
+SHEET_MAX_SIDE = 4096  # at --size 896 a sheet was 5340 px wide and 12 MB
 SHEET_PAD = 4
 SHEET_LABEL = 16
 SHEET_BACKGROUND = (24, 24, 24)
@@ -126,11 +127,22 @@ def sheet_layout(count: int, tile: tuple[int, int]) -> tuple[int, int, tuple[int
     return columns, rows, (width, height)
 
 
-def contact_sheet(tiles: Sequence[tuple[str, np.ndarray]]) -> Image.Image:
-    """Labelled tiles (all the same size) on a grid, each with its label in a band above it."""
+def contact_sheet(
+    tiles: Sequence[tuple[str, np.ndarray]], max_side: int = SHEET_MAX_SIDE
+) -> Image.Image:
+    """Labelled tiles (all the same size) on a grid, each with its label in a band above it.
+
+    Tiles are shrunk (by whole-pixel steps, nearest) so the sheet stays within `max_side`.
+    """
     if not tiles:
         raise ValueError("a contact sheet needs at least one tile")
     th, tw = tiles[0][1].shape[:2]
+    step = 1
+    while max(sheet_layout(len(tiles), (-(-tw // step), -(-th // step)))[2]) > max_side:
+        step += 1
+    if step > 1:
+        tiles = [(label, np.ascontiguousarray(pixels[::step, ::step])) for label, pixels in tiles]
+        th, tw = tiles[0][1].shape[:2]
     columns, _, size = sheet_layout(len(tiles), (tw, th))
     sheet = Image.new("RGB", size, SHEET_BACKGROUND)
     for i, (label, pixels) in enumerate(tiles):

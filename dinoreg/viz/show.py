@@ -13,6 +13,7 @@ they sort), `<stem>_norm.png`, `<stem>_sheet.png`, and with `norms_histogram`
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ class ShowOptions:
     attention_cmap: str = "inferno"
     norm_cmap: str = "viridis"
     overwrite: bool = False
+    resume: bool = False  # skip images whose pictures are all there (a rerun continues)
     norms_histogram: bool = False  # also a log-count histogram of the patch-token norms
 
     def __post_init__(self) -> None:
@@ -87,6 +89,7 @@ class ImageReport:
     foreground: float | None  # share of patches in the mask, when masking
     files: tuple[Path, ...]
     outlier_share: float = 0.0  # share of high-norm patch tokens (`viz.norms.norm_stats`)
+    upscale: float = 1.0  # how much the image was enlarged (short side after / before)
 
 
 @dataclass(frozen=True)
@@ -138,11 +141,16 @@ def recipe_for(options: ShowOptions) -> Recipe:
     return Recipe.for_size(side, keep_aspect=True, max_size=options.long_side)
 
 
-def load_resized(path: str, options: ShowOptions) -> Image.Image:
-    """Decode (EXIF-oriented RGB) and resize at the image's aspect, bicubic, no crop."""
+def load_resized(path: str, options: ShowOptions, with_scale: bool = False):
+    """Decode (EXIF-oriented RGB) and resize at the image's aspect, bicubic, no crop; with
+    `with_scale`, also how much the short side was enlarged."""
     recipe = recipe_for(options)
     image = load_image(path, recipe)
-    return resize(image, recipe, aspect_size(*image.size, options.size, options.long_side))
+    target = aspect_size(*image.size, options.size, options.long_side)
+    resized = resize(image, recipe, target)
+    if with_scale:
+        return resized, min(target) / max(1, min(image.size))
+    return resized
 
 
 def to_pixels(image: Image.Image, model: torch.nn.Module) -> torch.Tensor:
@@ -204,20 +212,26 @@ def show(
     out_dir: str | Path,
     options: ShowOptions = ShowOptions(),
     progress: Progress | None = None,
+    on_image: Callable[[ImageReport | tuple[str, str]], None] | None = None,
 ) -> ShowResult:
     """Draw the pictures of every input into `out_dir`; unreadable inputs are skipped and listed.
 
-    Raises OutputError before any work if a file would be overwritten without `overwrite`.
+    Each image's pictures are written (atomically) as it is drawn, and `on_image` gets its
+    report, or (path, reason) when it could not be read, right then. Raises OutputError before
+    any work if a file would be overwritten without `overwrite`; with `resume` images whose
+    pictures are all there are skipped instead.
     """
     model = prepared.model
     out = Path(out_dir)
     heads, regs, hist = model.cfg.heads, model.cfg.num_registers, options.norms_histogram
     stems = unique_stems(paths)
-    planned = [out / n for s in stems for n in output_names(s, heads, options.heads, hist)]
+    names = {s: [out / n for n in output_names(s, heads, options.heads, hist)] for s in stems}
+    planned = [p for s in stems for p in names[s]]
     if options.fit_pca is not None:
         planned.append(Path(options.fit_pca))
     existing = [str(p) for p in planned if p.exists()]
-    if existing and not options.overwrite:
+    done = {s for s in stems if options.resume and all(p.exists() for p in names[s])}
+    if existing and not (options.overwrite or options.resume):
         more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
         raise OutputError(
             f"{', '.join(existing[:3])}{more} already exist; "
@@ -238,14 +252,21 @@ def show(
     skip = {p for p, _ in failed}
     reports = []
     for i, (path, stem) in enumerate(zip(paths, stems, strict=True)):
-        if path not in skip:
+        if path in skip or stem in done:
+            pass
+        else:
             try:
-                image = load_resized(path, options)
+                image, upscale = load_resized(path, options, with_scale=True)
             except ImageDecodeError as exc:
                 failed.append((path, exc.reason))
+                if on_image is not None:
+                    on_image(failed[-1])
             else:
                 maps = _run(prepared, to_pixels(image, model))
-                reports.append(_draw(image, maps, stem, path, out, shared, options, regs, name))
+                report = _draw(image, maps, stem, path, out, shared, options, regs, name)
+                reports.append(dataclasses.replace(report, upscale=upscale))
+                if on_image is not None:
+                    on_image(reports[-1])
         if progress:
             progress("render", i + 1, len(paths))
     files = tuple(f for r in reports for f in r.files)
@@ -292,7 +313,7 @@ def _draw(
 
     pca_label = "PCA 1-3 as RGB" + (f", foreground {foreground:.0%}" if options.mask else "")
     tiles = [
-        (f"image {size[0]}x{size[1]}, {h}x{w} patches", picture),
+        (f"image {size[0]}x{size[1]} (w x h), grid {h}x{w} (h x w)", picture),
         (pca_label, pca_png),
         (f"CLS attention, mean; registers {to_registers.mean():.1%}", attn_mean),
         (f"patch norm before final norm, max {norms.max():.1f}", norm_png),
