@@ -156,6 +156,8 @@ def _damage(exc: Exception, count: int, last: str) -> str:
     message = str(exc)
     if message in ("unexpected end of data", "empty header", "truncated header"):
         return _truncated(count, last)
+    if not count:
+        return f"damaged tar: {message}"
     return f"damaged tar after member {count} ({last}): {message}"
 
 
