@@ -203,3 +203,18 @@ def test_nothing_found_names_what_was_searched(tree: Path) -> None:
 def test_no_inputs_at_all() -> None:
     with pytest.raises(InputError, match="no inputs were given"):
         discover([])
+
+
+def test_brace_arguments_expand_like_a_shell_and_then_glob(tree: Path) -> None:
+    found = find_inputs(["photos/{b,e}.{jpg,bmp}"])
+    assert found.paths == ["photos/b.jpg", "photos/e.bmp"]
+    assert found.missing == [("photos/b.bmp", "no such file"), ("photos/e.jpg", "no such file")]
+    assert discover(["photos/{b,f}.*"]) == ["photos/b.jpg", "photos/f.gif"]
+    found = find_inputs(["photos/{b,zz}.jpg"])
+    assert found == Discovery(["photos/b.jpg"], [("photos/zz.jpg", "no such file")])
+    touch_image(tree / "photos" / "{b,e}.jpg")  # a file of that very name is taken literally
+    assert discover(["photos/{b,e}.jpg"]) == ["photos/{b,e}.jpg"]
+    stdin = io.StringIO("photos/{b,f}.jpg\nphotos/{b,e}.jpg\n")  # stdin lines stay literal
+    assert find_inputs(["-"], stdin=stdin) == Discovery(
+        ["photos/{b,e}.jpg"], [("photos/{b,f}.jpg", "no such file")]
+    )

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from dinoreg.inputs import tars
 from dinoreg.inputs.decode import open_formats
 from dinoreg.inputs.recipe import PATCH_SIZE, Recipe
 
@@ -42,18 +43,27 @@ SLOW_HEADER_S = 250e-6  # seconds per header above which reading waits on storag
 def header_size(path: str) -> tuple[int, int] | None:
     """(W, H) as displayed (EXIF orientation applied), from the header alone; None if unreadable.
 
-    Like decoding, refuses anything but a non-empty regular file (opening a FIFO would block).
+    Like decoding, refuses anything but a non-empty regular file (opening a FIFO would block);
+    a tar member (`shard.tar/key.jpg`) is read from its tar, as decoding reads it.
     """
     try:
+        member = tars.split_member(path)
+        if member is not None:
+            with tars.open_member(*member) as handle:
+                return _displayed_size(Image.open(handle, formats=open_formats()))
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
             return None
-        with Image.open(path, formats=open_formats()) as image:
-            width, height = image.size
-            if _orientation(image) in QUARTER_TURNS:
-                width, height = height, width
+        return _displayed_size(Image.open(path, formats=open_formats()))
     except Exception:  # unreadable for any reason: decoding will name it
         return None
+
+
+def _displayed_size(opened: Image.Image) -> tuple[int, int] | None:
+    with opened as image:
+        width, height = image.size
+        if _orientation(image) in QUARTER_TURNS:
+            width, height = height, width
     return (width, height) if width > 0 and height > 0 else None
 
 

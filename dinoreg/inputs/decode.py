@@ -1,5 +1,8 @@
 """Safe decoding of one image file to RGB: size limits, reduced-size JPEG decoding, EXIF
-orientation, and one short reason for every file that cannot be used."""
+orientation, and one short reason for every file that cannot be used.
+
+A tar member (`shard.tar/key.jpg`, `tars.py`) goes through the same decoder from a view of its
+bytes in the tar, so it fails for the same reasons, in the same words, as the file would."""
 
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from typing import BinaryIO
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dinoreg.errors import InputError
+from dinoreg.inputs import tars
+from dinoreg.inputs.names import is_tar_name
 from dinoreg.inputs.recipe import Recipe, resized_size, to_rgb
 
 # Pillow refuses outright above 2 * Image.MAX_IMAGE_PIXELS; we fail at the same size, but as a
@@ -39,7 +44,17 @@ def load_image(path: str, recipe: Recipe, *, max_pixels: int = MAX_PIXELS) -> Im
     """Decode `path` fully to RGB: first frame, EXIF orientation applied, alpha on background.
 
     Large JPEGs decode at reduced size unless `recipe.exact_decode`; raises ImageDecodeError.
+    `path` may name a tar member, `shard.tar/key.jpg`.
     """
+    member = tars.split_member(path)
+    if member is not None:
+        try:
+            handle = tars.open_member(*member)
+        except tars.TarError as exc:
+            raise ImageDecodeError(path, exc.reason) from None
+        with handle:
+            image = _decode(handle, path, recipe, max_pixels)
+        return _finish(image, path, recipe)
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -58,6 +73,10 @@ def load_image(path: str, recipe: Recipe, *, max_pixels: int = MAX_PIXELS) -> Im
         raise ImageDecodeError(path, "not a regular file")
     if info.st_size == 0:
         raise ImageDecodeError(path, "empty file (0 bytes)")
+    if is_tar_name(path):
+        # Discovery reads a tar by member; one that reaches decoding is unreadable or damaged,
+        # and this is where the run learns why (the same words discovery found).
+        raise ImageDecodeError(path, tars.tar_problem(path))
     try:
         handle = open(path, "rb")  # noqa: SIM115 - closed below; Pillow reads it lazily
     except PermissionError:
@@ -66,6 +85,10 @@ def load_image(path: str, recipe: Recipe, *, max_pixels: int = MAX_PIXELS) -> Im
         raise ImageDecodeError(path, f"cannot open ({exc.strerror or exc})") from None
     with handle:
         image = _decode(handle, path, recipe, max_pixels)
+    return _finish(image, path, recipe)
+
+
+def _finish(image: Image.Image, path: str, recipe: Recipe) -> Image.Image:
     try:
         return to_rgb(_orient(image), recipe.background)
     except Exception as exc:
@@ -147,7 +170,8 @@ def _check_jpeg_data(handle: BinaryIO, path: str) -> None:
         if layout is None:
             return
         marker, width, height, sampling, data_start = layout
-        available = os.fstat(handle.fileno()).st_size - data_start
+        # The end of the stream, not fstat: a tar member's view ends before its tar does.
+        available = handle.seek(0, os.SEEK_END) - data_start
     except (OSError, ValueError, struct.error):
         return  # an unparsable header is Pillow's to judge; this check only ever adds failures
     finally:

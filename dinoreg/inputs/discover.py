@@ -1,4 +1,10 @@
-"""Input discovery: command-line arguments (directories, globs, files, "-") to image paths.
+"""Input discovery: command-line arguments (directories, globs, braces, files, tar shards, "-")
+to image paths.
+
+A tar shard named as an input (an argument, a glob or brace match, a stdin line) expands to one
+input per image member, `shard.tar/key.jpg` (`tars.py`). Walking a directory does not open the
+tars inside it: a walk picks image files by suffix, and a tar there may be a backup or the source
+of images already unpacked beside it; reading it silently would change what a folder means.
 
 Imports neither torch nor Pillow, so listing inputs stays cheap.
 """
@@ -13,10 +19,12 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from dinoreg.errors import InputError
+from dinoreg.inputs import tars
+from dinoreg.inputs.braces import expand_braces, has_braces
+from dinoreg.inputs.names import IMAGE_SUFFIXES, is_image_name, is_tar_name
 
-IMAGE_SUFFIXES: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-)
+__all__ = ["IMAGE_SUFFIXES", "Discovery", "as_input_list", "discover", "find_inputs"]
+
 _GLOB_CHARS = frozenset("*?[")
 _SHOWN_MISSES = 5
 _NUL_REASON = "a path cannot contain a NUL byte"
@@ -33,10 +41,12 @@ def as_input_list(inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[s
 class Discovery:
     """What the inputs named: the image paths found, and the inputs that could not be used.
 
-    `paths` are sorted and de-duplicated by real path, each spelled as given or as found under
-    a directory. `missing` holds (input, reason) in the order met: a path that does not exist
-    ("no such file"), a glob argument that matched no image file, a directory that could not be
-    listed, a stdin line that cannot be a path. A run records each one as a failed input.
+    `paths` are sorted and de-duplicated by identity (real path; for a tar member, the tar's real
+    path + "/" + member), each spelled as given or as found under a directory or in a tar.
+    `missing` holds (input, reason) in the order met: a path that does not exist ("no such
+    file"), a glob argument that matched no image file, a directory that could not be listed, a
+    stdin line that cannot be a path, a tar that cannot be read or is damaged (its intact members
+    are in `paths`). A run records each one as a failed input.
     """
 
     paths: list[str]
@@ -46,8 +56,9 @@ class Discovery:
 def find_inputs(inputs: Sequence[str], stdin: TextIO | None = None) -> Discovery:
     """Expand directories, globs, files and "-" (paths on stdin) into a `Discovery`.
 
-    A stdin line is one literal path. An argument is a glob only when no file of that name
-    exists. Raises InputError when no input exists at all (the message names what was tried).
+    A stdin line is one literal path. An argument is brace-expanded and then a glob only when
+    no file of that name exists. Raises InputError when no input exists at all (the message
+    names what was tried).
     """
     if isinstance(inputs, str):
         inputs = [inputs]
@@ -60,15 +71,22 @@ def find_inputs(inputs: Sequence[str], stdin: TextIO | None = None) -> Discovery
             found.extend(_walk(arg, missing))
             if len(found) == before and len(missing) == failed:
                 notes.append(f"{arg} (a directory with no image files)")
+        elif _is_tar(arg):
+            found.extend(_tar_members(arg, missing, notes))
         elif os.path.lexists(arg):
             # Named explicitly: kept whatever its suffix or state; decoding gives the verdict.
             found.append((arg, os.path.realpath(arg)))
+        elif (member := tars.split_member(arg)) is not None:
+            # One member named explicitly (`shard.tar/key.jpg`): decoding gives the verdict.
+            found.append((arg, tars.member_path(os.path.realpath(member[0]), member[1])))
         elif not literal and any(ch in arg for ch in _GLOB_CHARS):
             before, failed = len(found), len(missing)
             for match in sorted(glob.glob(arg, recursive=True)):
                 if os.path.isdir(match):
                     found.extend(_walk(match, missing))
-                elif _is_image_name(match):
+                elif _is_tar(match):  # as if the shell had expanded the glob
+                    found.extend(_tar_members(match, missing, notes))
+                elif is_image_name(match):
                     found.append((match, os.path.realpath(match)))
             if len(found) == before and len(missing) == failed:
                 missing.append((arg, "no such file or matching image file"))
@@ -113,12 +131,15 @@ def _unique(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
 def _with_stdin(
     inputs: Sequence[str], stdin: TextIO | None, missing: list[tuple[str, str]], notes: list[str]
 ) -> Iterator[tuple[str, bool]]:
-    """(input, literal) pairs: arguments may be globs, stdin lines are literal paths."""
+    """(input, literal) pairs: arguments may be braces and globs, stdin lines are literal paths."""
     read = False
     for arg in inputs:
         if arg != "-":
             if "\0" in arg:  # argv cannot hold one, but library callers can pass anything
                 missing.append((_printable(arg), _NUL_REASON))
+            elif has_braces(arg) and not os.path.lexists(arg):
+                # A quoted `shards/{00000..00099}.tar`: expanded as the shell would have.
+                yield from ((word, False) for word in expand_braces(arg))
             else:
                 yield arg, False
             continue
@@ -184,21 +205,40 @@ def _walk(root: str, missing: list[tuple[str, str]]) -> Iterator[tuple[str, str]
                 if entry_real not in visited:  # a link back up the tree would loop forever
                     visited.add(entry_real)
                     subdirs.append((entry.path, entry_real))
-            elif _is_image_name(entry.name):
+            elif is_image_name(entry.name):
                 # Dangling links are kept: the run lists them as failed inputs with the reason.
                 yield entry.path, entry_real
         stack.extend(reversed(subdirs))
 
 
-def _is_image_name(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES
+def _is_tar(path: str) -> bool:
+    return is_tar_name(path) and os.path.isfile(path)
+
+
+def _tar_members(
+    tar: str, missing: list[tuple[str, str]], notes: list[str]
+) -> Iterator[tuple[str, str]]:
+    """(`tar/member`, identity) per image member; an unreadable or damaged tar goes to `missing`
+    (a damaged one after its intact members), so the run lists it as failed with the reason."""
+    try:
+        index = tars.load_index(tar)
+    except tars.TarError as exc:
+        missing.append((tar, exc.reason))
+        return
+    real = os.path.realpath(tar)
+    for name in index.member_names():
+        yield tars.member_path(tar, name), tars.member_path(real, name)
+    if index.damage is not None:
+        missing.append((tar, index.damage))
+    elif not len(index):
+        notes.append(f"{tar} (a tar with no image members)")
 
 
 def _nothing_found_message(misses: list[str]) -> str:
     if not misses:
         return (
-            "No images found: no inputs were given; pass files, directories or globs, "
-            "or - to read paths from stdin."
+            "No images found: no inputs were given; pass files, directories, globs or tar "
+            "shards, or - to read paths from stdin."
         )
     shown = ", ".join(misses[:_SHOWN_MISSES])
     if len(misses) > _SHOWN_MISSES:
@@ -206,5 +246,6 @@ def _nothing_found_message(misses: list[str]) -> str:
     suffixes = " ".join(sorted(IMAGE_SUFFIXES))
     return (
         f"No images found in {shown}; check the paths (directories and globs pick files "
-        f"ending in {suffixes}, in any case; name other files explicitly)."
+        f"ending in {suffixes}, in any case, and .tar files named or matched are read by "
+        "member; name other files explicitly)."
     )

@@ -1,10 +1,12 @@
 """Which inputs a run covers, by identity: the real path, whatever spelling the user gave.
 
-`imgs/a.jpg`, `./imgs/a.jpg` and a symlink to it are one input. A run records its input list in
-the staging directory (`inputs.tsv`: `identity<TAB>path as given`, one line per input, in the
-order given) and its count and sha256 in the metadata (`inputs`). A resumed run must cover the
-same identities, and matches committed rows by identity, so respelling an input neither mixes
-two input lists nor duplicates rows. `paths` in the output keeps what the user gave.
+`imgs/a.jpg`, `./imgs/a.jpg` and a symlink to it are one input; so are `a/x.tar/k.jpg` and
+`./a/x.tar/k.jpg` (a tar member: the tar's real path + "/" + member, `dinoreg.inputs.tars`).
+A run records its input list in the staging directory (`inputs.tsv`: `identity<TAB>path as
+given`, one line per input, in the order given) and its count and sha256 in the metadata
+(`inputs`). A resumed run must cover the same identities, and matches committed rows by
+identity, so respelling an input neither mixes two input lists nor duplicates rows. `paths`
+in the output keeps what the user gave.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dinoreg._fs import write_new
+from dinoreg.inputs import tars
 from dinoreg.output.layout import decode_failure, encode_field
 
 INPUTS = "inputs.tsv"
@@ -23,8 +26,12 @@ _SHOWN = 2
 
 
 def identity(path: str) -> str:
-    """The real path: what makes two spellings of an input the same input."""
-    return os.path.realpath(path)
+    """The real path: what makes two spellings of an input the same input.
+
+    A tar member is no file: resolving `x.tar/../y.jpg` whole would name the file y.jpg beside
+    the tar, so only the tar is resolved and the member name is kept as the tar spells it.
+    """
+    return tars.identity(path)
 
 
 @dataclass(frozen=True)
