@@ -286,7 +286,7 @@ def test_cli_keep_aspect_with_max_size(capsys, monkeypatch, photos, tiny_dir, tm
         w, h = aspect_size(*_displayed(row.path), 112, 200)
         assert row.patches.shape[:2] == (h // 14, w // 14) and max(w, h) <= 196
     code, stdout, _ = run_cli(capsys, monkeypatch, "info", out)
-    assert code == 0 and "keep_aspect True" in " ".join(stdout.split())
+    assert code == 0 and "keep_aspect yes" in " ".join(stdout.split())
 
 
 # -- layers -----------------------------------------------------------------------------------

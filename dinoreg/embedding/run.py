@@ -157,8 +157,8 @@ def embed_recipe(
     `keep_aspect`, which never crops and so refuses any explicit `crop`)."""
     if keep_aspect and crop is not None:
         raise UsageError(
-            "crop cannot be combined with keep_aspect, which keeps the whole image at its own "
-            "aspect; drop one of them.",
+            f"crop={crop} cannot be combined with keep_aspect, which keeps the whole image at "
+            "its own aspect; drop one of them.",
             params=("crop", "keep_aspect"),
         )
     return Recipe.for_size(
