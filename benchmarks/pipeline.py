@@ -689,9 +689,8 @@ def run_profile(large: photos.PhotoSet, opts: PipelineOptions, report: Report) -
         "default draft, reducing_gap=2.0": lambda f: _resize_gap(
             load_image(f, recipe), recipe, 2.0
         ),
-        "default draft, reducing_gap=3.0": lambda f: _resize_gap(
-            load_image(f, recipe), recipe, 3.0
-        ),
+        "exact decode, reducing_gap=2.0": lambda f: _resize_gap(load_image(f, exact), exact, 2.0),
+        "exact decode, one-pass resize+crop": lambda f: one_pass(load_image(f, exact), exact),
         "default draft, one-pass resize+crop (box=)": lambda f: one_pass(
             load_image(f, recipe), recipe
         ),
