@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -37,6 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from resource import RUSAGE_CHILDREN, RUSAGE_SELF
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -260,10 +262,12 @@ def run_stages(sets: dict[str, photos.PhotoSet], opts: PipelineOptions, report: 
 
 
 def loader_rate(
-    paths: list[str], workers: int, opts: PipelineOptions, firsts: list[float]
+    paths: list[str], workers: int, opts: PipelineOptions, firsts: list[float], cpu: list[float]
 ) -> Callable[[], int]:
     """One pass of embed's DataLoader over `paths`; appends the seconds to the first batch
-    (worker start-up and the first decodes) to `firsts`."""
+    (worker start-up and the first decodes) to `firsts`, and the CPU ms per image of all its
+    processes (main + workers, which are joined at the end) to `cpu`: what the input side
+    costs in core time, whatever share of the cores other load left it."""
     import torch
 
     from dinoreg.batches import make_loader
@@ -273,8 +277,12 @@ def loader_rate(
     compute = ComputeOptions(device="cpu", batch_size=opts.batch_size, workers=workers)
     recipe = Recipe()
 
+    def used() -> float:
+        own, children = (resource.getrusage(r) for r in (RUSAGE_SELF, RUSAGE_CHILDREN))
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
     def run() -> int:
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), used()
         loader = make_loader(paths, recipe, compute, torch.device("cpu"))
         count = 0
         for piece in loader:  # the batch loop's hand-over, minus the model
@@ -283,6 +291,8 @@ def loader_rate(
             if piece.pixels is not None:
                 piece.pixels.to("cpu", non_blocking=True)
             count += len(piece.indices)
+        # exhausting the iterator joined the workers: their CPU time is in RUSAGE_CHILDREN now
+        cpu.append((used() - cpu0) * 1e3 / max(count, 1))
         return count
 
     return run
@@ -296,7 +306,8 @@ def run_loader(sets: dict[str, photos.PhotoSet], opts: PipelineOptions, report: 
     for name, s in sets.items():
         paths = cycled(s.paths, per_set.get(name, 96))
         firsts: dict[int, list[float]] = {w: [] for w in counts}
-        calls = {str(w): loader_rate(paths, w, opts, firsts[w]) for w in counts}
+        cpu: dict[int, list[float]] = {w: [] for w in counts}
+        calls = {str(w): loader_rate(paths, w, opts, firsts[w], cpu[w]) for w in counts}
         ms = interleaved_ms(calls, len(paths), opts.reps, warmup=0 if opts.quick else 1)
         rates = {w: 1e3 / ms[str(w)] for w in counts}
         top = max(counts)
@@ -304,17 +315,19 @@ def run_loader(sets: dict[str, photos.PhotoSet], opts: PipelineOptions, report: 
             "images_per_run": len(paths),
             "img_s": {str(w): r for w, r in rates.items()},
             "first_batch_s": {str(w): statistics.median(firsts[w]) for w in counts},
+            "cpu_ms_per_image_all_processes": {str(w): statistics.median(cpu[w]) for w in counts},
             "scaling_efficiency": rates[top] / (top * rates[1]) if 1 in rates and top > 1 else None,
             "workers_max": top,
         }
         report.sections["loader"] = data
         print(f"[pipeline] loader {name}: {data[name]}", file=sys.stderr, flush=True)
     names = list(data)
-    head = " | ".join(f"{n} img/s | {n} first batch s" for n in names)
-    rows = [f"| workers | {head} |", "| ---: |" + " ---: | ---: |" * len(names)]
+    head = " | ".join(f"{n} img/s | {n} first batch s | {n} CPU ms/img" for n in names)
+    rows = [f"| workers | {head} |", "| ---: |" + " ---: | ---: | ---: |" * len(names)]
     for w in counts:
         cells = " | ".join(
-            f"{data[n]['img_s'][str(w)]:.1f} | {data[n]['first_batch_s'][str(w)]:.2f}"
+            f"{data[n]['img_s'][str(w)]:.1f} | {data[n]['first_batch_s'][str(w)]:.2f} | "
+            f"{data[n]['cpu_ms_per_image_all_processes'][str(w)]:.1f}"
             for n in names
         )
         rows.append(f"| {w} | {cells} |")
