@@ -391,7 +391,9 @@ class _Uint8Images:
         from dinoreg.inputs.recipe import resize
 
         image = resize(load_image(self.paths[index], self.recipe), self.recipe)
-        return Sample(index, torch.from_numpy(np.asarray(image)), None)
+        return Sample(
+            index, torch.from_numpy(np.array(image)), None
+        )  # writable: torch warns otherwise
 
 
 def device_normalise(batch: Any, mean: Any, std: Any) -> Any:
