@@ -165,7 +165,7 @@ def embed_section(
 
     folder = work / "jpegs"
     folder.mkdir()
-    sources = sorted(images.glob("*.jpg"))
+    sources = photos.jpegs(images)
     for i in range(count):
         shutil.copyfile(sources[i % len(sources)], folder / f"{i:05d}.jpg")
     rows = []
@@ -209,7 +209,7 @@ def aspect_section(work: Path, images: Path) -> dict:
 
     out = work / "aspect.h5"
     s = dinoreg.embed(
-        sorted(images.glob("*.jpg")),
+        photos.jpegs(images),
         out,
         model=str(work / "small"),
         device="cuda",

@@ -178,12 +178,17 @@ def dataset_photos(out: Path, large: PhotoSet) -> PhotoSet:
     return PhotoSet("dataset", folder, tuple(folder / n for n in names), f"500x375 of {large.name}")
 
 
+def jpegs(folder: Path) -> list[Path]:
+    """The JPEG files of a folder (.jpg or .jpeg, any case), sorted."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+
+
 def check_folder(folder: Path, *, min_count: int = 1) -> PhotoSet:
     """A folder passed with `--images`, checked in well under a second (headers only), so that a
     wrong path fails before minutes of measuring instead of after them."""
     if not folder.is_dir():
         raise SystemExit(f"--images {folder}: not a directory")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    paths = jpegs(folder)
     if len(paths) < min_count:
         raise SystemExit(f"--images {folder}: {len(paths)} JPEG files, need at least {min_count}")
     bad = []
