@@ -184,7 +184,8 @@ def stages(paths: Sequence[Path], opts: PipelineOptions) -> dict[str, Cost]:
 
     recipe = Recipe()
     files = [str(p) for p in paths]
-    n, reps = len(files), opts.reps + 2  # one pass is short: a few more repeats are cheap
+    # one pass is short: a few more repeats are cheap (quick: two, for a median at all)
+    n, reps = len(files), (2 if opts.quick else opts.reps + 2)
     decoded = [load_image(f, recipe) for f in files]
     cropped = [resize(im, recipe) for im in decoded]
     tensors = [normalise(im, recipe) for im in cropped]
@@ -676,7 +677,7 @@ def run_profile(large: photos.PhotoSet, opts: PipelineOptions, report: Report) -
     torch.set_num_threads(1)
     recipe, exact = Recipe(), Recipe(exact_decode=True)
     files = [str(p) for p in large.paths][: 4 if opts.quick else None]
-    reps = opts.reps + 2
+    reps = 2 if opts.quick else opts.reps + 2
     # (a) where the ms go: each sub-step over all files
     profiles = [_profile_image(f, recipe) for f in files]
     step_costs = interleaved_cost(
