@@ -8,6 +8,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -20,6 +21,8 @@ class Options:
     batches: Sequence[int] = (1, 32)
     image_size: int = 224
     threads: int | None = None  # None: torch's default
+    out: Path = Path("bench-out")  # results, and the generated photos' cache
+    images: Path | None = None  # large JPEGs for `embed`; None: photos.large_photos(out)
 
 
 @dataclass

@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import photos
 from benchmarks.common import Options, Section
 
 HERE = Path(__file__).resolve().parent
-BENCH_IMAGES = HERE.parent.parent / "shared" / "images" / "bench"
 EXAMPLES = HERE.parent / "examples" / "images"
 SIZES = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}  # dim, depth, heads
 
@@ -137,9 +137,9 @@ def dinoreg_cmd(*args: str) -> list[str]:
 def run_embed(opts: Options) -> Section:
     """dinoreg embed vs the transformers recipe over large JPEGs: fp32/bf16, both decodings."""
     start = time.perf_counter()
-    sources = sorted(BENCH_IMAGES.glob("*.jpg"))
-    if not sources:
-        raise SystemExit(f"no benchmark photos in {BENCH_IMAGES}")
+    # Checked (or generated) already by run.py before any section ran; here it is a cache hit.
+    large = large_set(opts)
+    sources = list(large.paths)
     count, batch = (32 if opts.quick else 64), 16
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,7 +200,7 @@ def run_embed(opts: Options) -> Section:
         for r in rows
     ]
     note = (
-        f"{count} copies of the 1.3-4.9 MP photos in shared/images/bench, ViT-S/14 shapes with "
+        f"{count} copies of {len(sources)} 1.3-4.9 MP JPEGs ({large.origin}), ViT-S/14 shapes with "
         f"random weights, batch {batch}, all tokens written to HDF5; each side is one fresh "
         "process timed from start to exit (imports and model loading included). The "
         "transformers recipe is its PIL image processor, the model in a loop (autocast for "
@@ -210,9 +210,16 @@ def run_embed(opts: Options) -> Section:
         "embed",
         "End to end: embed large JPEGs",
         ["\n".join(table), note],
-        {"rows": rows},
+        {"rows": rows, "photos": large.describe()},
         time.perf_counter() - start,
     )
+
+
+def large_set(opts: Options) -> photos.PhotoSet:
+    """The large JPEGs `embed` reads: `--images` if given, else the generated set."""
+    if opts.images is not None:
+        return photos.check_folder(opts.images)
+    return photos.large_photos(opts.out)
 
 
 def run_memory(opts: Options) -> Section:

@@ -4,6 +4,11 @@ in the same run; a batch-size sweep; bf16 vs fp16; torch.compile on/off; and `di
 to end over real JPEGs against forward-only throughput, with the time split per stage.
 
 `python benchmarks/gpu.py --out bench-out [--images DIR]`
+
+`embed` and `aspect` read 1.3-4.9 MP JPEGs generated from examples/images (`benchmarks/photos.py`,
+cached under `--out`/photos) unless `--images DIR` names a folder of large JPEGs; either is
+checked before the first measurement. `gpu.json` is rewritten after every section, so an
+interrupted run keeps the sections it finished.
 """
 
 from __future__ import annotations
@@ -15,16 +20,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))  # run as a script: this checkout's dinoreg and helpers
 
+from benchmarks import photos  # noqa: E402
 from benchmarks.endtoend import SIZES, make_checkpoint  # noqa: E402
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# torch is imported inside the functions: `main` checks the photos first, in well under a second.
+DTYPES = ("bfloat16", "float16")
 
 
 def log(*args) -> None:
@@ -33,6 +42,8 @@ def log(*args) -> None:
 
 def matmul_peak(dtype: torch.dtype, n: int = 8192, reps: int = 20) -> float:
     """TFLOP/s of a large square matmul, the ceiling the forward is compared with."""
+    import torch
+
     a = torch.randn(n, n, device="cuda", dtype=dtype)
     b = torch.randn(n, n, device="cuda", dtype=dtype)
     for _ in range(3):
@@ -53,6 +64,8 @@ def flops_per_image(dim: int, depth: int, tokens: int = 261, patches: int = 256)
 
 def throughput(fn, x: torch.Tensor, seconds: float = 3.0) -> float:
     """Images/s of fn(x), after warm-up, over about `seconds`."""
+    import torch
+
     for _ in range(3):
         fn(x)
     torch.cuda.synchronize()
@@ -65,6 +78,7 @@ def throughput(fn, x: torch.Tensor, seconds: float = 3.0) -> float:
 
 
 def forward_section(work: Path, peaks: dict[str, float], batches: list[int]) -> list[dict]:
+    import torch
     from transformers import Dinov2WithRegistersModel
 
     import dinoreg
@@ -78,7 +92,7 @@ def forward_section(work: Path, peaks: dict[str, float], batches: list[int]) -> 
         theirs = Dinov2WithRegistersModel.from_pretrained(ckpt, attn_implementation="sdpa")
         theirs = theirs.cuda().eval()
         for dtype_name in ("bfloat16", "float16"):
-            dtype = DTYPES[dtype_name]
+            dtype = getattr(torch, dtype_name)
             for batch in batches if dtype_name == "bfloat16" else [max(batches)]:
                 x = torch.randn(batch, 3, 224, 224, device="cuda")
 
@@ -109,6 +123,8 @@ def forward_section(work: Path, peaks: dict[str, float], batches: list[int]) -> 
 
 
 def compile_section(work: Path, peaks: dict[str, float], batch: int) -> list[dict]:
+    import torch
+
     import dinoreg
 
     rows = []
@@ -149,7 +165,7 @@ def embed_section(
 
     folder = work / "jpegs"
     folder.mkdir()
-    sources = sorted(images.glob("*.jpg"))
+    sources = photos.jpegs(images)
     for i in range(count):
         shutil.copyfile(sources[i % len(sources)], folder / f"{i:05d}.jpg")
     rows = []
@@ -193,7 +209,7 @@ def aspect_section(work: Path, images: Path) -> dict:
 
     out = work / "aspect.h5"
     s = dinoreg.embed(
-        sorted(images.glob("*.jpg")),
+        photos.jpegs(images),
         out,
         model=str(work / "small"),
         device="cuda",
@@ -218,35 +234,54 @@ def aspect_section(work: Path, images: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
-    parser.add_argument("--images", type=Path, default=HERE.parent.parent / "shared/images/bench")
+    parser.add_argument(
+        "--images", type=Path, default=None, help="large JPEGs (default: generated, photos.py)"
+    )
     parser.add_argument("--count", type=int, default=1024)
     parser.add_argument("--workers", type=int, default=15)
     parser.add_argument("--sections", default="forward,compile,embed")
     parser.add_argument("--decodes", default="reduced,exact")
     args = parser.parse_args()
+    sections = args.sections.split(",")
+    images = None
+    if "embed" in sections or "aspect" in sections:  # before any measuring: fail in a second
+        large = photos.check_folder(args.images) if args.images else photos.large_photos(args.out)
+        images = large.folder
+        log(large.describe())
+    import torch
+
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: nothing to measure")
     args.out.mkdir(parents=True, exist_ok=True)
-    sections = args.sections.split(",")
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    results["peak_tflops"] = peaks = {k: round(matmul_peak(v), 1) for k, v in DTYPES.items()}
+    if images is not None:
+        results["photos"] = large.describe()
+
+    def save() -> None:  # after every section: an interrupted run keeps what it finished
+        (args.out / "gpu.json").write_text(json.dumps(results, indent=1))
+
+    results["peak_tflops"] = peaks = {k: round(matmul_peak(getattr(torch, k)), 1) for k in DTYPES}
     log(peaks)
+    save()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "forward" in sections:
             results["forward"] = forward_section(work, peaks, [32, 64, 128, 256, 512])
+            save()
         else:
             make_checkpoint("small", work)
             make_checkpoint("large", work)
         if "compile" in sections:
             results["compile"] = compile_section(work, peaks, 256)
-        if "embed" in sections:
+            save()
+        if images is not None and "embed" in sections:
             results["embed"] = embed_section(
-                work, args.images, args.count, 256, args.workers, args.decodes.split(",")
+                work, images, args.count, 256, args.workers, args.decodes.split(",")
             )
-        if "aspect" in sections:
-            results["aspect"] = aspect_section(work, args.images)
-        (args.out / "gpu.json").write_text(json.dumps(results, indent=1))
+            save()
+        if images is not None and "aspect" in sections:
+            results["aspect"] = aspect_section(work, images)
+            save()
     print(json.dumps(results, indent=1))
 
 
