@@ -71,3 +71,12 @@ def test_normalising_a_batch_equals_normalising_each_image_exactly() -> None:
         for i in range(3):
             want = normalise(Image.fromarray(batch[i].numpy()), recipe)
             assert torch.equal(got[i], want)
+
+
+def test_the_gather_path_of_other_devices_equals_the_cpu_path() -> None:
+    from dinoreg.inputs.normalise import normalise_gather
+
+    g = torch.Generator().manual_seed(1)
+    batch = torch.randint(0, 256, (2, 9, 11, 3), generator=g, dtype=torch.uint8)
+    for recipe in (Recipe(), Recipe(mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))):
+        assert torch.equal(normalise_gather(batch, recipe), normalise_batch(batch, recipe))

