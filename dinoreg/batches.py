@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -118,6 +119,31 @@ def _close_fds(fds: tuple[int, ...], worker_id: int) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+    # Ctrl-C and SIGTERM reach the whole process group; the main process turns them into an
+    # orderly stop that shuts the workers down itself. A worker dying of the signal first would
+    # make the DataLoader raise "worker killed by signal" from a destructor instead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by _start_workers
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _start_workers(loader: torch.utils.data.DataLoader) -> Iterator:
+    """The loader's iterator, its workers forked with Ctrl-C and SIGTERM held back.
+
+    A signal landing between a fork and `_close_fds` would run the parent's handler in the new
+    worker (a KeyboardInterrupt inside the fork's own bookkeeping) and leave it half-started;
+    held back, it reaches the worker only once ignored there, and the main process right after.
+    """
+    if loader.num_workers == 0:
+        return iter(loader)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @dataclass
@@ -176,7 +202,7 @@ def run_batches(
     pending: list[tuple[Batch, torch.Tensor | None]] = []  # pieces of the next batch
     target, count = next(lengths, 0), 0
     tick = time.perf_counter()
-    for piece in loader:
+    for piece in _start_workers(loader):
         piece: Batch
         times.wait_input += time.perf_counter() - tick
         # start the copy to the device now; it overlaps with waiting for the next piece
