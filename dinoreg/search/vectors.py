@@ -23,6 +23,7 @@ import numpy as np
 from dinoreg import outfiles
 from dinoreg.errors import InputError, OutputError, UsageError
 from dinoreg.h5out import decode_attrs
+from dinoreg.search.npymap import MappedNpy
 
 __all__ = ["TOKEN_CHOICES", "Tokens", "Vectors", "open_vectors"]
 
@@ -220,7 +221,7 @@ def _open_npy(path: Path, stack: ExitStack) -> tuple[dict[str, Any], dict[str, A
     for file in sorted(os.listdir(path)):
         if file.endswith(".npy"):
             try:
-                arrays[outfiles.dataset_name(file)] = np.load(path / file, mmap_mode="r")
+                arrays[outfiles.dataset_name(file)] = MappedNpy(path / file, stack)
             except (OSError, ValueError):
                 raise OutputError(f"feats: {path / file} is not a readable .npy file.") from None
     if not (path / outfiles.PATHS).is_file():
