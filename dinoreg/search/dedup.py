@@ -1,9 +1,10 @@
 """`dedup`: groups of rows whose vectors are at least `threshold` cosine-similar.
 
 Pairs above the threshold are found block against block (each unordered pair of blocks once) or,
-when a current index exists, by the index's range search; they are merged with a vectorised
-union-find whose only per-row state is one int64 parent array. Groups are the connected
-components, so a chain a~b~c is one group even when a and c are further apart than `threshold`.
+when a current index exists, inverted list against neighbouring lists (see `index.py`); they are
+merged with a vectorised union-find whose only per-row state is one int64 parent array. Groups
+are the connected components, so a chain a~b~c is one group even when a and c score below
+`threshold` together.
 """
 
 from __future__ import annotations
@@ -68,9 +69,8 @@ def dedup(
         parent = np.arange(vecs.rows, dtype=np.int64)
         ann = load_for(vecs, index)
         if ann is not None:
-            for first, block in vecs.blocks(DEDUP_BLOCK_ROWS):
-                a, b = ann.range_pairs(block, float(threshold) - _SLACK)
-                _union(parent, a + first, b)
+            for a, b in ann.list_pairs(float(threshold) - _SLACK):
+                _union(parent, a, b)
         else:
             for a, b in all_pairs(vecs, float(threshold)):
                 _union(parent, a, b)

@@ -13,24 +13,29 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from dinoreg.errors import OutputError, UsageError
 from dinoreg.search.vectors import Tokens, Vectors, open_vectors
 
 __all__ = ["EXACT_ROWS_LIMIT", "IndexInfo", "build_index", "default_index_path", "find_index"]
 
-FORMAT = 1
+FORMAT = 2
 # Below this many rows exact search answers a query in well under a second on 2 CPU cores
 # (benchmarks/results/search-cpu-2core.md), so an index is not worth building.
 EXACT_ROWS_LIMIT = 200_000
 # Training points per inverted list: faiss warns under 39; more buys little.
 _TRAIN_PER_LIST = 40
 _DEFAULT_NPROBE = 32
+# dedup compares each inverted list with itself and this many of the nearest other lists: a pair
+# above a near-duplicate threshold sits in one list or in two neighbouring ones.
+DEDUP_NEIGHBOUR_LISTS = 4
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,8 @@ def build_index(
             quantizer, vecs.dim, n_lists, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
         )
         index.cp.seed = 1234  # the same file gives the same index
+        # Plain float16 vectors (not residuals) so dedup can read the lists back as vectors.
+        index.by_residual = False
         index.train(_training_sample(vecs, n_lists * _TRAIN_PER_LIST))
         for _, block in vecs.blocks():
             index.add(block)
@@ -184,19 +191,50 @@ def find_index(vecs: Vectors) -> Path | None:
 class LoadedIndex:
     """A faiss index ready to answer for one `Vectors`: k-NN and range search on unit vectors."""
 
-    def __init__(self, index: Any, nprobe: int) -> None:
-        self._index = index
+    def __init__(self, faiss: Any, index: Any, nprobe: int) -> None:
+        self._faiss, self._index = faiss, index
         index.nprobe = nprobe
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, rows = self._index.search(np.ascontiguousarray(queries, np.float32), k)
         return scores, rows
 
-    def range_pairs(self, block: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        """(positions in `block`, rows) of every pair scoring >= threshold (self-pairs included)."""
-        lims, _, rows = self._index.range_search(np.ascontiguousarray(block, np.float32), threshold)
-        who = np.repeat(np.arange(len(block), dtype=np.int64), np.diff(lims).astype(np.int64))
-        return who, rows.astype(np.int64)
+    def list_pairs(
+        self, threshold: float, neighbours: int = DEDUP_NEIGHBOUR_LISTS
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(rows a, rows b) scoring >= threshold, list by list against the neighbouring lists.
+
+        Range-searching every row costs a coarse-quantizer pass plus nprobe list scans per row
+        (about half an hour for 1M rows on 2 cores); comparing whole lists is a few matmuls each.
+        """
+        ivf, faiss = self._index, self._faiss
+        n_lists, dim = ivf.nlist, ivf.d
+        centroids = ivf.quantizer.reconstruct_n(0, n_lists)
+        _, near = ivf.quantizer.search(centroids, min(n_lists, neighbours + 1))
+
+        def members(lst: int) -> tuple[np.ndarray, np.ndarray]:
+            n = ivf.invlists.list_size(lst)
+            ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), n).astype(np.int64)
+            codes = faiss.rev_swig_ptr(ivf.invlists.get_codes(lst), n * ivf.code_size)
+            return ids, np.frombuffer(codes, np.float16).reshape(n, dim).astype(np.float32)
+
+        # One thread: these products are small, and a threaded BLAS next to faiss's still
+        # spinning OpenMP threads ran 10x slower than a single thread (measured on 2 cores).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for lst in range(n_lists):
+                ids, vecs = members(lst)
+                if not len(ids):
+                    continue
+                others = [members(int(m)) for m in near[lst] if m >= 0 and m != lst]
+                all_ids = np.concatenate([ids, *(o[0] for o in others)])
+                all_vecs = np.concatenate([vecs, *(o[1] for o in others)])
+                scores = torch.from_numpy(vecs) @ torch.from_numpy(all_vecs).T
+                ia, ib = torch.nonzero(scores >= threshold, as_tuple=True)
+                yield ids[ia.numpy()], all_ids[ib.numpy()]
+        finally:
+            torch.set_num_threads(threads)
 
 
 def load_for(vecs: Vectors, index: str | os.PathLike[str]) -> LoadedIndex | None:
@@ -216,4 +254,4 @@ def load_for(vecs: Vectors, index: str | os.PathLike[str]) -> LoadedIndex | None
         if faiss is None:
             raise UsageError(f"index: reading {path} needs faiss: pip install 'dinoreg[ann]'.")
     side = json.loads(_sidecar(path).read_text(encoding="utf-8"))
-    return LoadedIndex(faiss.read_index(str(path)), int(side["nprobe"]))
+    return LoadedIndex(faiss, faiss.read_index(str(path)), int(side["nprobe"]))
