@@ -1,0 +1,293 @@
+"""One L2-normalised vector per row of an embed output, read lazily in blocks.
+
+`open_vectors` checks that the file is a finished embed output, picks the vectors (`cls`, or
+`patches-mean`: the mean of a row's patch tokens, on the regular grid or keep-aspect ragged), at the
+root or in a stored `layers/<i>/` block, and gives a `Vectors` view over them. Data is only read
+when a block is asked for: h5py reads the chunks of that block, `.npy` files are memory-mapped, and
+float16 stores are converted to float32 one block at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from itertools import islice
+from pathlib import Path
+from typing import Any, Literal
+
+import h5py
+import numpy as np
+
+from dinoreg import outfiles
+from dinoreg.errors import InputError, OutputError, UsageError
+from dinoreg.h5out import decode_attrs
+from dinoreg.search.npymap import MappedNpy
+
+__all__ = ["TOKEN_CHOICES", "Tokens", "Vectors", "open_vectors"]
+
+Tokens = Literal["cls", "patches-mean"]
+TOKEN_CHOICES: tuple[str, ...] = ("cls", "patches-mean")
+# Stored bytes per block: large enough for fast matmuls, small enough to keep memory flat.
+BLOCK_BYTES = 32 << 20
+_LAYER_RE = re.compile(r"layers/(-?\d+)/\w+")
+
+
+class Vectors:
+    """Normalised float32 vectors of one output, read in row blocks; close it (or use `with`)."""
+
+    def __init__(
+        self,
+        path: Path,
+        fmt: str,
+        stack: ExitStack,
+        arrays: dict[str, Any],
+        meta: dict[str, Any],
+        rows: int,
+        tokens: str,
+        prefix: str,
+        layer: int | None,
+        files: list[Path],
+    ) -> None:
+        self.path, self.format, self.meta, self.rows = path, fmt, meta, rows
+        self.tokens, self.layer = tokens, layer
+        self._stack, self._arrays, self._prefix, self._files = stack, arrays, prefix, files
+        self._h5: h5py.File | None = arrays.get("__file__")
+        main = arrays["data"]
+        self.store_dtype: str = np.dtype(main.dtype).name
+        self.dim: int = int(main.shape[-1])
+        self.ragged = "offsets" in arrays
+        row_items = int(np.prod(main.shape[1:-1], dtype=np.int64)) if not self.ragged else 1
+        if self.ragged and rows:
+            row_items = max(1, int(main.shape[0]) // rows)
+        self._row_bytes = row_items * self.dim * np.dtype(main.dtype).itemsize
+
+    # Provenance, for checking that a query was embedded the same way as the file.
+    @property
+    def model(self) -> str | None:
+        return self.meta.get("model")
+
+    @property
+    def weights_sha256(self) -> str | None:
+        return self.meta.get("weights_sha256")
+
+    @property
+    def recipe(self) -> dict[str, Any] | None:
+        return self.meta.get("recipe")
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> Vectors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def default_block_rows(self, budget_bytes: int = BLOCK_BYTES) -> int:
+        return max(1, budget_bytes // max(self._row_bytes, 1))
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows `start:stop` as a fresh (n, D) float32 array, each row of unit norm (or zero)."""
+        start, stop = max(0, start), min(self.rows, stop)
+        if stop <= start:
+            return np.zeros((0, self.dim), np.float32)
+        data = self._arrays["data"]
+        if self.ragged:
+            offsets = np.asarray(self._arrays["offsets"][start : stop + 1], np.int64)
+            counts = np.diff(offsets)
+            if (counts <= 0).any():
+                raise OutputError(f"{self.path}: a row has no patch tokens; the file is damaged.")
+            items = np.asarray(data[offsets[0] : offsets[-1]], np.float32)
+            out = np.add.reduceat(items, offsets[:-1] - offsets[0], axis=0)
+            out /= counts[:, None].astype(np.float32)
+        elif data.ndim == 2:
+            out = np.array(data[start:stop], np.float32)
+        else:
+            block = np.asarray(data[start:stop])
+            out = block.reshape(len(block), -1, self.dim).mean(axis=1, dtype=np.float32)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        # Zero rows stay zero (score 0 with everything) instead of turning into NaN.
+        np.maximum(norms, np.float32(1e-12), out=norms)
+        out /= norms
+        return out
+
+    def blocks(
+        self, block_rows: int | None = None, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, vectors) for consecutive blocks covering rows `start:stop`."""
+        step = block_rows or self.default_block_rows()
+        end = self.rows if stop is None else min(stop, self.rows)
+        for first in range(start, end, step):
+            yield first, self.read(first, min(end, first + step))
+
+    def take(self, rows: Sequence[int]) -> np.ndarray:
+        """The vectors of `rows` (any order, repeats allowed) as a (len(rows), D) array."""
+        out = np.zeros((len(rows), self.dim), np.float32)
+        for i, row in enumerate(rows):
+            out[i] = self.read(row, row + 1)[0]
+        return out
+
+    def paths(self, start: int = 0, stop: int | None = None) -> list[str]:
+        stop = self.rows if stop is None else min(stop, self.rows)
+        if stop <= start:
+            return []
+        if self._h5 is not None:
+            return list(self._h5["paths"].asstr(errors="surrogateescape")[start:stop])
+        return list(islice(outfiles.iter_paths(self.path), start, stop))
+
+    def path_of(self, rows: Sequence[int]) -> list[str]:
+        """The stored path of each row in `rows`, reading the paths once in row order."""
+        if self._h5 is not None:
+            names = self._h5["paths"].asstr(errors="surrogateescape")
+            return [names[int(r)] for r in rows]
+        want = {int(r) for r in rows}
+        found: dict[int, str] = {}
+        for i, p in enumerate(islice(outfiles.iter_paths(self.path), max(want, default=-1) + 1)):
+            if i in want:
+                found[i] = p
+        return [found[int(r)] for r in rows]
+
+    def find_paths(self, paths: Sequence[str]) -> list[int]:
+        """Row of each path in `paths` (the first row if stored twice); InputError if absent."""
+        want = {p: -1 for p in paths}
+        row = 0
+        for start in range(0, self.rows, 65536):
+            for p in self.paths(start, start + 65536):
+                if p in want and want[p] < 0:
+                    want[p] = row
+                row += 1
+        missing = [p for p, r in want.items() if r < 0]
+        if missing:
+            raise InputError(f"paths: {missing[0]!r} is not a row of {self.path}.")
+        return [want[p] for p in paths]
+
+    def fingerprint(self) -> list[tuple[str, int, int]]:
+        """(file, size, mtime_ns) of every file the vectors come from, to detect a changed FEATS."""
+        out = []
+        for f in self._files:
+            st = os.stat(f)
+            out.append((f.name, st.st_size, st.st_mtime_ns))
+        return out
+
+
+def open_vectors(
+    feats: str | os.PathLike[str], tokens: Tokens = "cls", layer: int | None = None
+) -> Vectors:
+    """Open a finished embed output for search; OutputError if it is not one or lacks `tokens`."""
+    if tokens not in TOKEN_CHOICES:
+        raise UsageError(f"tokens must be one of {', '.join(TOKEN_CHOICES)}, not {tokens!r}.")
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, (int, np.integer))):
+        raise UsageError(f"layer must be a block index such as 11 or -1, not {layer!r}.")
+    path = Path(feats)
+    stack = ExitStack()
+    try:
+        if path.is_dir():
+            fmt, arrays, meta, files = "npy", *_open_npy(path, stack)
+        elif path.exists():
+            fmt, arrays, meta, files = "h5", *_open_h5(path, stack)
+        elif path.with_name(path.name + ".partial").is_dir():
+            raise OutputError(
+                f"feats: {path} is not finished (its staging directory {path.name}.partial "
+                "exists); finish or resume the embed run first."
+            )
+        else:
+            raise OutputError(f"feats: {path} does not exist.")
+        rows, prefix, block, picked = _pick(path, arrays, meta, tokens, layer)
+        if fmt == "npy":
+            files = [*files, *(path / outfiles.dataset_file(n) for n in picked.values())]
+        chosen = {role: arrays[name] for role, name in picked.items()}
+        if "__file__" in arrays:
+            chosen["__file__"] = arrays["__file__"]
+        return Vectors(path, fmt, stack, chosen, meta, rows, tokens, prefix, block, files)
+    except BaseException:
+        stack.close()
+        raise
+
+
+def _open_npy(path: Path, stack: ExitStack) -> tuple[dict[str, Any], dict[str, Any], list[Path]]:
+    if (path / outfiles.JOURNAL).exists():
+        raise OutputError(
+            f"feats: {path} is an unfinished embed output (a run is writing it or was killed); "
+            "finish or resume that run first."
+        )
+    if not (path / outfiles.META).is_file():
+        raise OutputError(f"feats: {path} is a directory but not a dinoreg embed output.")
+    meta = outfiles.read_json(path / outfiles.META)
+    if meta.get("complete") is not True:
+        raise OutputError(f"feats: {path} is not complete; finish or resume its embed run first.")
+    arrays: dict[str, Any] = {}
+    for file in sorted(os.listdir(path)):
+        if file.endswith(".npy"):
+            try:
+                arrays[outfiles.dataset_name(file)] = MappedNpy(path / file, stack)
+            except (OSError, ValueError):
+                raise OutputError(f"feats: {path / file} is not a readable .npy file.") from None
+    if not (path / outfiles.PATHS).is_file():
+        raise OutputError(f"feats: {path} has no {outfiles.PATHS}; it is not a complete output.")
+    return arrays, meta, [path / outfiles.META]
+
+
+def _open_h5(path: Path, stack: ExitStack) -> tuple[dict[str, Any], dict[str, Any], list[Path]]:
+    try:
+        f = stack.enter_context(h5py.File(path, "r"))
+    except OSError:
+        raise OutputError(f"feats: {path} is not an HDF5 file or an embed output.") from None
+    if not isinstance(f.get("paths"), h5py.Dataset):
+        raise OutputError(f"feats: {path} is an HDF5 file but not a dinoreg embed output.")
+    meta = decode_attrs(f.attrs)
+    if meta.get("complete") is not True:
+        raise OutputError(f"feats: {path} is not complete; finish or resume its embed run first.")
+    arrays: dict[str, Any] = {"__file__": f, "paths": f["paths"]}
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and name != "paths" and not name.startswith("failed/"):
+            arrays[name] = obj
+
+    f.visititems(visit)
+    return arrays, meta, [path]
+
+
+def _pick(
+    path: Path, arrays: dict[str, Any], meta: dict[str, Any], tokens: str, layer: int | None
+) -> tuple[int, str, int | None, dict[str, str]]:
+    """(rows, dataset prefix, absolute layer, {role: dataset name}) for the requested vectors."""
+    stored = sorted({int(m.group(1)) for n in arrays if (m := _LAYER_RE.fullmatch(n))})
+    if layer is None:
+        has_root = any(t in arrays for t in ("cls", "registers", "patches"))
+        block = None if has_root or not stored else stored[-1]
+    else:
+        if not stored:
+            raise UsageError(f"layer: {path} stores no intermediate layers; leave layer unset.")
+        depth = meta.get("depth")
+        block = int(layer) + depth if layer < 0 and isinstance(depth, int) else int(layer)
+        if block not in stored:
+            have = ", ".join(map(str, stored))
+            raise UsageError(f"layer: {path} stores layers {have}, not {layer}; pick one of them.")
+    prefix = "" if block is None else f"layers/{block}/"
+    where = f"{path}" + (f" layer {block}" if block is not None else "")
+    if tokens == "cls":
+        name = prefix + "cls"
+        if name not in arrays:
+            raise OutputError(
+                f"feats: {where} stores no CLS tokens; use tokens='patches-mean' if it has "
+                "patches, or embed with the cls token."
+            )
+        picked = {"data": name}
+    else:
+        name = prefix + "patches"
+        if name not in arrays:
+            raise OutputError(f"feats: {where} stores no patch tokens for tokens='patches-mean'.")
+        picked = {"data": name}
+        if name + "_offsets" in arrays:
+            picked["offsets"] = name + "_offsets"
+    if "paths" in arrays:
+        rows = len(arrays["paths"])
+    else:
+        rows = sum(1 for _ in outfiles.iter_lines(path / outfiles.PATHS))
+    data = arrays[picked["data"]]
+    have = len(arrays[picked["offsets"]]) - 1 if "offsets" in picked else data.shape[0]
+    if have != rows or data.ndim < 2:
+        raise OutputError(f"feats: {path}: {name} has {have} rows but there are {rows} paths.")
+    return rows, prefix, block, picked
