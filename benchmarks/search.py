@@ -29,8 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dinoreg import outfiles
-from dinoreg.h5out import chunk_rows, encode_attrs
+from dinoreg.output import layout
+from dinoreg.output.hdf5 import chunk_rows, encode_attrs
 
 DIM = 384
 GEN_BLOCK = 50_000
@@ -98,7 +98,7 @@ class _NpyOut:
         path.mkdir()
         self.path, self.rows = path, rows
         self.arr = np.lib.format.open_memmap(path / "cls.npy", "w+", dtype, (rows, DIM))
-        self.paths = open(path / outfiles.PATHS, "w", encoding="utf-8")  # noqa: SIM115
+        self.paths = open(path / layout.PATHS, "w", encoding="utf-8")  # noqa: SIM115
 
     def write(self, start: int, x: np.ndarray, names: list[str]) -> None:
         if start < self.rows:
@@ -110,8 +110,8 @@ class _NpyOut:
         self.arr.flush()
         del self.arr
         self.paths.close()
-        (self.path / outfiles.FAILED).write_text("")
-        (self.path / outfiles.META).write_text(json.dumps({**_META, "store_dtype": "f"}))
+        (self.path / layout.FAILED).write_text("")
+        (self.path / layout.META).write_text(json.dumps({**_META, "store_dtype": "f"}))
 
 
 class _H5Out:
@@ -141,8 +141,8 @@ FILES = {"npy-f32": "f32", "npy-f16": "f16", "h5-f32": "f32.h5", "h5-f16": "f16.
 
 
 def phase_exact(data: Path, name: str, n_q: int) -> dict:
-    from dinoreg.search import open_vectors
-    from dinoreg.search.exact import exact_topk
+    from dinoreg.neighbours import open_vectors
+    from dinoreg.neighbours.exact import exact_topk
 
     q = np.load(data / "queries.npy")[:n_q]
     q /= np.linalg.norm(q, axis=1, keepdims=True)
@@ -157,7 +157,7 @@ def phase_exact(data: Path, name: str, n_q: int) -> dict:
 
 
 def phase_build(data: Path, name: str) -> dict:
-    from dinoreg.search import build_index
+    from dinoreg.neighbours import build_index
 
     info = build_index(data / FILES[name])
     return {"file": name, "build_s": info.build_seconds, "size_mib": info.size_bytes / 2**20,
@@ -169,8 +169,8 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def phase_ann(data: Path, name: str, n_q: int) -> dict:
-    from dinoreg.search import open_vectors
-    from dinoreg.search.index import load_for
+    from dinoreg.neighbours import open_vectors
+    from dinoreg.neighbours.index import load_for
 
     q = np.load(data / "queries.npy")[:n_q]
     q /= np.linalg.norm(q, axis=1, keepdims=True)
@@ -195,7 +195,7 @@ def phase_compare(data: Path, rows: int, n_q: int) -> dict:
     import usearch
     from usearch.index import Index
 
-    from dinoreg.search import open_vectors
+    from dinoreg.neighbours import open_vectors
 
     with open_vectors(data / "f32") as v:
         x = v.read(0, rows)
@@ -241,7 +241,7 @@ def phase_compare(data: Path, rows: int, n_q: int) -> dict:
 
 
 def phase_dedup(data: Path, target: str, index: str) -> dict:
-    from dinoreg.search import dedup
+    from dinoreg.neighbours import dedup
 
     path = data / target
     t = time.perf_counter()
@@ -260,7 +260,7 @@ def phase_dedup(data: Path, target: str, index: str) -> dict:
 
 class open_vectors_rows:
     def __init__(self, path: Path) -> None:
-        from dinoreg.search import open_vectors
+        from dinoreg.neighbours import open_vectors
 
         self.v = open_vectors(path)
 
@@ -302,7 +302,7 @@ def run_phase(argv: list[str]) -> None:
     elif name == "baseline":
         import torch  # noqa: F401
 
-        import dinoreg.search  # noqa: F401
+        import dinoreg.neighbours  # noqa: F401
 
         out = {"peak_rss_mib": peak_rss_mib()}
     else:
@@ -387,7 +387,7 @@ def markdown(r: dict) -> str:
         f"# Search benchmark: {r['rows']:,} x {r['dim']} synthetic vectors",
         "",
         f"{m['cpus']} CPUs ({m['cpu']}), Python {m['python']}, torch {m.get('torch')}, "
-        f"numpy {m['numpy']}. Process baseline (python + torch + dinoreg.search): "
+        f"numpy {m['numpy']}. Process baseline (python + torch + dinoreg.neighbours): "
         f"{r['baseline']['peak_rss_mib']:.0f} MiB peak RSS. Generating the files took "
         f"{r['generate']['seconds']:.0f} s; the whole run {r['total_s']:.0f} s.",
         "",
@@ -404,7 +404,7 @@ def markdown(r: dict) -> str:
     b = r["build"]
     lines += [
         "",
-        f"## faiss IVF index (`dinoreg.search.build_index`, {b['lists']} lists, float16)",
+        f"## faiss IVF index (`dinoreg.neighbours.build_index`, {b['lists']} lists, float16)",
         "",
         f"Build {b['build_s']:.1f} s, {b['size_mib']:.0f} MiB on disk, peak RSS "
         f"{b['peak_rss_mib']:.0f} MiB; default nprobe {b['nprobe']}.",

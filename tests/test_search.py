@@ -11,12 +11,12 @@ import h5py
 import numpy as np
 import pytest
 
-from dinoreg import outfiles
 from dinoreg.errors import InputError, OutputError, UsageError
-from dinoreg.h5out import encode_attrs
-from dinoreg.search import build_index, dedup, open_vectors, search
-from dinoreg.search.dedup import _union, all_pairs
-from dinoreg.search.exact import exact_topk
+from dinoreg.neighbours import build_index, dedup, open_vectors, search
+from dinoreg.neighbours.dedup import _union, all_pairs
+from dinoreg.neighbours.exact import exact_topk
+from dinoreg.output import layout
+from dinoreg.output.hdf5 import encode_attrs
 
 D = 32
 
@@ -51,11 +51,11 @@ def write_h5(path: Path, datasets: dict[str, np.ndarray], paths: list[str], **me
 def write_npy(path: Path, datasets: dict[str, np.ndarray], paths: list[str], **meta) -> Path:
     path.mkdir()
     for name, a in datasets.items():
-        np.save(path / outfiles.dataset_file(name), a)
-    lines = "".join(outfiles.encode_field(p) + "\n" for p in paths)
-    (path / outfiles.PATHS).write_text(lines, encoding="utf-8")
-    (path / outfiles.FAILED).write_text("", encoding="utf-8")
-    (path / outfiles.META).write_text(json.dumps(_meta(**meta)), encoding="utf-8")
+        np.save(path / layout.dataset_file(name), a)
+    lines = "".join(layout.encode_field(p) + "\n" for p in paths)
+    (path / layout.PATHS).write_text(lines, encoding="utf-8")
+    (path / layout.FAILED).write_text("", encoding="utf-8")
+    (path / layout.META).write_text(json.dumps(_meta(**meta)), encoding="utf-8")
     return path
 
 
@@ -209,7 +209,7 @@ def test_bad_inputs_name_the_parameter(tmp_path):
         f["cls"] = x
     (tmp_path / "emptydir").mkdir()
     part = write_npy(tmp_path / "run.h5.partial", {"cls": x}, names(20), complete=False)
-    (part / outfiles.JOURNAL).write_text("{}")
+    (part / layout.JOURNAL).write_text("{}")
     unfinished = {
         "h5": write_h5(tmp_path / "inc.h5", {"cls": x}, names(20), complete=False),
         "npy": write_npy(tmp_path / "inc", {"cls": x}, names(20), complete=False),
@@ -262,7 +262,7 @@ def test_index_matches_exact_and_stale_index_is_ignored(tmp_path, fmt):
     groups = dedup(feats, threshold=0.9)
     assert [[m.row for m in g.members] for g in groups] == [[12, 300]]
     later = os.stat(info.path).st_mtime + 10
-    target = feats / outfiles.META if fmt == "npy" else feats
+    target = feats / layout.META if fmt == "npy" else feats
     os.utime(target, (later, later))
     assert search(feats, queries, k=5)[0].method == "exact"
     with pytest.raises(UsageError, match=r"^index: .*changed after"):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dinoreg.errors import UsageError
-from dinoreg.search.vectors import Tokens, Vectors, open_vectors
+from dinoreg.neighbours.vectors import Tokens, Vectors, open_vectors
 
 __all__ = ["DEFAULT_THRESHOLD", "DupGroup", "DupMember", "all_pairs", "dedup"]
 
@@ -63,7 +63,7 @@ def dedup(
     bad_type = isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating))
     if bad_type or not (0.0 < float(threshold) <= 1.0):
         raise UsageError(f"threshold must be a number in (0, 1], not {threshold!r}.")
-    from dinoreg.search.index import load_for
+    from dinoreg.neighbours.index import load_for
 
     with open_vectors(feats, tokens, layer) as vecs:
         parent = np.arange(vecs.rows, dtype=np.int64)

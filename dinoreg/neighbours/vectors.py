@@ -20,10 +20,11 @@ from typing import Any, Literal
 import h5py
 import numpy as np
 
-from dinoreg import outfiles
+from dinoreg._fs import read_json
 from dinoreg.errors import InputError, OutputError, UsageError
-from dinoreg.h5out import decode_attrs
-from dinoreg.search.npymap import MappedNpy
+from dinoreg.neighbours.npymap import MappedNpy
+from dinoreg.output import layout
+from dinoreg.output.hdf5 import decode_attrs
 
 __all__ = ["TOKEN_CHOICES", "Tokens", "Vectors", "open_vectors"]
 
@@ -135,7 +136,7 @@ class Vectors:
             return []
         if self._h5 is not None:
             return list(self._h5["paths"].asstr(errors="surrogateescape")[start:stop])
-        return list(islice(outfiles.iter_paths(self.path), start, stop))
+        return list(islice(layout.iter_paths(self.path), start, stop))
 
     def path_of(self, rows: Sequence[int]) -> list[str]:
         """The stored path of each row in `rows`, reading the paths once in row order."""
@@ -144,7 +145,7 @@ class Vectors:
             return [names[int(r)] for r in rows]
         want = {int(r) for r in rows}
         found: dict[int, str] = {}
-        for i, p in enumerate(islice(outfiles.iter_paths(self.path), max(want, default=-1) + 1)):
+        for i, p in enumerate(islice(layout.iter_paths(self.path), max(want, default=-1) + 1)):
             if i in want:
                 found[i] = p
         return [found[int(r)] for r in rows]
@@ -196,7 +197,7 @@ def open_vectors(
             raise OutputError(f"feats: {path} does not exist.")
         rows, prefix, block, picked = _pick(path, arrays, meta, tokens, layer)
         if fmt == "npy":
-            files = [*files, *(path / outfiles.dataset_file(n) for n in picked.values())]
+            files = [*files, *(path / layout.dataset_file(n) for n in picked.values())]
         chosen = {role: arrays[name] for role, name in picked.items()}
         if "__file__" in arrays:
             chosen["__file__"] = arrays["__file__"]
@@ -207,26 +208,26 @@ def open_vectors(
 
 
 def _open_npy(path: Path, stack: ExitStack) -> tuple[dict[str, Any], dict[str, Any], list[Path]]:
-    if (path / outfiles.JOURNAL).exists():
+    if (path / layout.JOURNAL).exists():
         raise OutputError(
             f"feats: {path} is an unfinished embed output (a run is writing it or was killed); "
             "finish or resume that run first."
         )
-    if not (path / outfiles.META).is_file():
+    if not (path / layout.META).is_file():
         raise OutputError(f"feats: {path} is a directory but not a dinoreg embed output.")
-    meta = outfiles.read_json(path / outfiles.META)
+    meta = read_json(path / layout.META)
     if meta.get("complete") is not True:
         raise OutputError(f"feats: {path} is not complete; finish or resume its embed run first.")
     arrays: dict[str, Any] = {}
     for file in sorted(os.listdir(path)):
         if file.endswith(".npy"):
             try:
-                arrays[outfiles.dataset_name(file)] = MappedNpy(path / file, stack)
+                arrays[layout.dataset_name(file)] = MappedNpy(path / file, stack)
             except (OSError, ValueError):
                 raise OutputError(f"feats: {path / file} is not a readable .npy file.") from None
-    if not (path / outfiles.PATHS).is_file():
-        raise OutputError(f"feats: {path} has no {outfiles.PATHS}; it is not a complete output.")
-    return arrays, meta, [path / outfiles.META]
+    if not (path / layout.PATHS).is_file():
+        raise OutputError(f"feats: {path} has no {layout.PATHS}; it is not a complete output.")
+    return arrays, meta, [path / layout.META]
 
 
 def _open_h5(path: Path, stack: ExitStack) -> tuple[dict[str, Any], dict[str, Any], list[Path]]:
@@ -285,7 +286,7 @@ def _pick(
     if "paths" in arrays:
         rows = len(arrays["paths"])
     else:
-        rows = sum(1 for _ in outfiles.iter_lines(path / outfiles.PATHS))
+        rows = sum(1 for _ in layout.iter_lines(path / layout.PATHS))
     data = arrays[picked["data"]]
     have = len(arrays[picked["offsets"]]) - 1 if "offsets" in picked else data.shape[0]
     if have != rows or data.ndim < 2:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dinoreg.errors import OutputError, UsageError
-from dinoreg.search.vectors import Tokens, Vectors, open_vectors
+from dinoreg.neighbours.vectors import Tokens, Vectors, open_vectors
 
 __all__ = ["EXACT_ROWS_LIMIT", "IndexInfo", "build_index", "default_index_path", "find_index"]
 

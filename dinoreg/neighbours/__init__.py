@@ -7,10 +7,10 @@ L2-normalised, so every score is a cosine similarity. `search` and `dedup` scan 
 
 from __future__ import annotations
 
-from dinoreg.search.dedup import DEFAULT_THRESHOLD, DupGroup, DupMember, dedup
-from dinoreg.search.exact import Hit, SearchResult, search
-from dinoreg.search.index import IndexInfo, build_index, default_index_path, find_index
-from dinoreg.search.vectors import TOKEN_CHOICES, Vectors, open_vectors
+from dinoreg.neighbours.dedup import DEFAULT_THRESHOLD, DupGroup, DupMember, dedup
+from dinoreg.neighbours.exact import Hit, SearchResult, search
+from dinoreg.neighbours.index import IndexInfo, build_index, default_index_path, find_index
+from dinoreg.neighbours.vectors import TOKEN_CHOICES, Vectors, open_vectors
 
 __all__ = [
     "DEFAULT_THRESHOLD",

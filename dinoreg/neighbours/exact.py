@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dinoreg.errors import UsageError
-from dinoreg.search.vectors import Tokens, Vectors, open_vectors
+from dinoreg.neighbours.vectors import Tokens, Vectors, open_vectors
 
 __all__ = ["Hit", "Query", "SearchResult", "exact_topk", "search"]
 
@@ -62,7 +62,7 @@ def search(
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise UsageError(f"k must be a positive integer, not {k!r}.")
-    from dinoreg.search.index import load_for
+    from dinoreg.neighbours.index import load_for
 
     with open_vectors(feats, tokens, layer) as vecs:
         matrix, asked, self_rows = _resolve_queries(vecs, queries)
