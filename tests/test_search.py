@@ -171,12 +171,12 @@ def test_patches_mean_on_regular_and_ragged_layouts(tmp_path, fmt):
             ragged_mean,
         ),
     }
-    for layout, (datasets, mean) in cases.items():
-        sub = tmp_path / layout
+    for kind, (datasets, mean) in cases.items():
+        sub = tmp_path / kind
         sub.mkdir()
         feats = WRITERS[fmt](sub, datasets, names(n))
         with open_vectors(feats, tokens="patches-mean") as v:
-            assert v.ragged == (layout == "ragged")
+            assert v.ragged == (kind == "ragged")
             np.testing.assert_allclose(v.read(0, n), unit(mean), atol=1e-6)
             np.testing.assert_allclose(v.take([17, 3]), unit(mean[[17, 3]]), atol=1e-6)
         (res,) = search(feats, [mean[17]], k=1, tokens="patches-mean", index="none")
