@@ -11,6 +11,8 @@ The API, each name loaded on first use (so `dinoreg --help` never imports torch)
   directory of .npy files, crash-safe and resumable.
 - `read(path, layer=None)`, `inspect_output(path)`: rows and facts of an output.
 - `classify(inputs, model="small-imagenet1k", top=5, ...)`: ImageNet-1k top-k, per input.
+- `search(feats, queries, k=10)`, `dedup(feats, threshold=0.95)`: nearest rows and near-duplicate
+  groups of an output; `merge(shards, out)`: the shards of one run into one output.
 - `Recipe`, `ViTConfig`, `RegistersViT`, `TokenOutput`, `DinoregError`.
 """
 
@@ -26,6 +28,9 @@ _LAZY = {
     "Recipe": ("dinoreg.inputs.recipe", "Recipe"),
     "embed": ("dinoreg.embedding.run", "embed"),
     "classify": ("dinoreg.classification", "classify"),
+    "search": ("dinoreg.neighbours", "search"),
+    "dedup": ("dinoreg.neighbours", "dedup"),
+    "merge": ("dinoreg.output.shards", "merge"),
     "read": ("dinoreg.output.reader", "read"),
     "inspect_output": ("dinoreg.output.reader", "inspect_output"),
     "RegistersViT": ("dinoreg.model.vit", "RegistersViT"),
@@ -42,11 +47,14 @@ __all__ = [
     "ViTConfig",
     "__version__",
     "classify",
+    "dedup",
     "embed",
     "inspect_output",
     "load_model",
+    "merge",
     "preprocess_image",
     "read",
+    "search",
 ]
 
 if TYPE_CHECKING:
@@ -57,7 +65,9 @@ if TYPE_CHECKING:
     from dinoreg.model.config import ViTConfig
     from dinoreg.model.vit import RegistersViT, TokenOutput
     from dinoreg.model.weights import load_model
+    from dinoreg.neighbours import dedup, search
     from dinoreg.output.reader import inspect_output, read
+    from dinoreg.output.shards import merge
 
 
 def __getattr__(name: str) -> Any:

@@ -5,7 +5,7 @@ one-line messages in `app.main` and nowhere else. Nothing heavy (torch) is impor
 command runs.
 """
 
-from dinoreg.cli import classify, embed, info, merge, models, show  # noqa: F401  (each registers its commands)
+from dinoreg.cli import classify, embed, info, merge, models, neighbours, show  # noqa: F401  (each registers its commands)
 from dinoreg.cli.app import app, main
 
 __all__ = ["app", "main"]

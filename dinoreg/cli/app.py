@@ -222,6 +222,11 @@ FLAGS = {
     "shard": "--shard",
     "compare": "--compare",
     "norms_histogram": "--norms-histogram",
+    "feats": "FEATS",
+    "threshold": "--threshold",
+    "k": "-k",
+    "layer": "--layer",
+    "queries": "QUERY",
     "shards": "SHARD",
 }
 

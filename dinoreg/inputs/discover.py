@@ -159,6 +159,11 @@ def _with_stdin(
             notes.append("- (stdin held no paths)")
 
 
+def read_stdin_paths(stdin: TextIO | None = None) -> list[str]:
+    """The non-empty lines of stdin as literal paths (query lists, for instance)."""
+    return [line for line in _stdin_lines(stdin) if line.strip()]
+
+
 def _stdin_lines(stdin: TextIO | None) -> Iterator[str]:
     """Lines of `stdin` without their line ends. A byte stream is decoded as file names are
     (surrogateescape), so a name that is not UTF-8 survives and still opens."""

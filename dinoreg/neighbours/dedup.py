@@ -62,7 +62,9 @@ def dedup(
     """
     bad_type = isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating))
     if bad_type or not (0.0 < float(threshold) <= 1.0):
-        raise UsageError(f"threshold must be a number in (0, 1], not {threshold!r}.")
+        raise UsageError(
+            f"threshold must be a number in (0, 1], not {threshold!r}.", params=("threshold",)
+        )
     from dinoreg.neighbours.index import load_for
 
     with open_vectors(feats, tokens, layer) as vecs:

@@ -61,7 +61,7 @@ def search(
     `index`: "auto" uses `<feats>.index` when it is current, "none" forces exact, or a path.
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise UsageError(f"k must be a positive integer, not {k!r}.")
+        raise UsageError(f"k must be a positive integer, not {k!r}.", params=("k",))
     from dinoreg.neighbours.index import load_for
 
     with open_vectors(feats, tokens, layer) as vecs:
@@ -111,7 +111,10 @@ def _resolve_queries(
     if isinstance(queries, np.ndarray) and queries.ndim == 2:
         items: list[Query] = list(queries)
     elif isinstance(queries, (str, bytes, np.ndarray)):
-        raise UsageError("queries must be a (Q, D) array or a list of vectors, rows and paths.")
+        raise UsageError(
+            "queries must be a (Q, D) array or a list of vectors, rows and paths.",
+            params=("queries",),
+        )
     else:
         items = list(queries)
     asked: list[int | str | None] = []
@@ -120,7 +123,9 @@ def _resolve_queries(
     path_slots: dict[int, str] = {}
     for i, item in enumerate(items):
         if isinstance(item, (bool, np.bool_)):
-            raise UsageError(f"queries[{i}] is a boolean, not a vector, row or path.")
+            raise UsageError(
+                f"queries[{i}] is a boolean, not a vector, row or path.", params=("queries",)
+            )
         if isinstance(item, (int, np.integer)):
             row = int(item)
             if not 0 <= row < vecs.rows:

@@ -82,14 +82,14 @@ def build_index(
     if faiss is None:
         raise UsageError("building an index needs faiss: pip install 'dinoreg[ann]'.")
     if isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1:
-        raise UsageError(f"nprobe must be a positive integer, not {nprobe!r}.")
+        raise UsageError(f"nprobe must be a positive integer, not {nprobe!r}.", params=("nprobe",))
     if lists is not None and (isinstance(lists, bool) or not isinstance(lists, int) or lists < 1):
-        raise UsageError(f"lists must be a positive integer, not {lists!r}.")
+        raise UsageError(f"lists must be a positive integer, not {lists!r}.", params=("lists",))
     path = Path(out) if out is not None else default_index_path(feats)
     t0 = time.perf_counter()
     with open_vectors(feats, tokens, layer) as vecs:
         if vecs.rows == 0:
-            raise OutputError(f"feats: {vecs.path} has no rows to index.")
+            raise OutputError(f"feats: {vecs.path} has no rows to index.", params=("feats",))
         # About 4 sqrt(N) lists balances list scanning against centroid comparisons.
         n_lists = lists or max(1, min(int(4 * math.sqrt(vecs.rows)), vecs.rows // _TRAIN_PER_LIST))
         n_lists = min(n_lists, vecs.rows)

@@ -178,9 +178,13 @@ def open_vectors(
 ) -> Vectors:
     """Open a finished embed output for search; OutputError if it is not one or lacks `tokens`."""
     if tokens not in TOKEN_CHOICES:
-        raise UsageError(f"tokens must be one of {', '.join(TOKEN_CHOICES)}, not {tokens!r}.")
+        raise UsageError(
+            f"tokens must be one of {', '.join(TOKEN_CHOICES)}, not {tokens!r}.", params=("tokens",)
+        )
     if layer is not None and (isinstance(layer, bool) or not isinstance(layer, (int, np.integer))):
-        raise UsageError(f"layer must be a block index such as 11 or -1, not {layer!r}.")
+        raise UsageError(
+            f"layer must be a block index such as 11 or -1, not {layer!r}.", params=("layer",)
+        )
     path = Path(feats)
     stack = ExitStack()
     try:
@@ -194,7 +198,7 @@ def open_vectors(
                 "exists); finish or resume the embed run first."
             )
         else:
-            raise OutputError(f"feats: {path} does not exist.")
+            raise OutputError(f"feats: {path} does not exist.", params=("feats",))
         rows, prefix, block, picked = _pick(path, arrays, meta, tokens, layer)
         if fmt == "npy":
             files = [*files, *(path / layout.dataset_file(n) for n in picked.values())]
@@ -214,19 +218,28 @@ def _open_npy(path: Path, stack: ExitStack) -> tuple[dict[str, Any], dict[str, A
             "finish or resume that run first."
         )
     if not (path / layout.META).is_file():
-        raise OutputError(f"feats: {path} is a directory but not a dinoreg embed output.")
+        raise OutputError(
+            f"feats: {path} is a directory but not a dinoreg embed output.", params=("feats",)
+        )
     meta = read_json(path / layout.META)
     if meta.get("complete") is not True:
-        raise OutputError(f"feats: {path} is not complete; finish or resume its embed run first.")
+        raise OutputError(
+            f"feats: {path} is not complete; finish or resume its embed run first.",
+            params=("feats",),
+        )
     arrays: dict[str, Any] = {}
     for file in sorted(os.listdir(path)):
         if file.endswith(".npy"):
             try:
                 arrays[layout.dataset_name(file)] = MappedNpy(path / file, stack)
             except (OSError, ValueError):
-                raise OutputError(f"feats: {path / file} is not a readable .npy file.") from None
+                raise OutputError(
+                    f"feats: {path / file} is not a readable .npy file.", params=("feats",)
+                ) from None
     if not (path / layout.PATHS).is_file():
-        raise OutputError(f"feats: {path} has no {layout.PATHS}; it is not a complete output.")
+        raise OutputError(
+            f"feats: {path} has no {layout.PATHS}; it is not a complete output.", params=("feats",)
+        )
     return arrays, meta, [path / layout.META]
 
 
@@ -234,12 +247,19 @@ def _open_h5(path: Path, stack: ExitStack) -> tuple[dict[str, Any], dict[str, An
     try:
         f = stack.enter_context(h5py.File(path, "r"))
     except OSError:
-        raise OutputError(f"feats: {path} is not an HDF5 file or an embed output.") from None
+        raise OutputError(
+            f"feats: {path} is not an HDF5 file or an embed output.", params=("feats",)
+        ) from None
     if not isinstance(f.get("paths"), h5py.Dataset):
-        raise OutputError(f"feats: {path} is an HDF5 file but not a dinoreg embed output.")
+        raise OutputError(
+            f"feats: {path} is an HDF5 file but not a dinoreg embed output.", params=("feats",)
+        )
     meta = decode_attrs(f.attrs)
     if meta.get("complete") is not True:
-        raise OutputError(f"feats: {path} is not complete; finish or resume its embed run first.")
+        raise OutputError(
+            f"feats: {path} is not complete; finish or resume its embed run first.",
+            params=("feats",),
+        )
     arrays: dict[str, Any] = {"__file__": f, "paths": f["paths"]}
 
     def visit(name: str, obj: Any) -> None:
@@ -260,12 +280,18 @@ def _pick(
         block = None if has_root or not stored else stored[-1]
     else:
         if not stored:
-            raise UsageError(f"layer: {path} stores no intermediate layers; leave layer unset.")
+            raise UsageError(
+                f"layer: {path} stores no intermediate layers; leave layer unset.",
+                params=("layer",),
+            )
         depth = meta.get("depth")
         block = int(layer) + depth if layer < 0 and isinstance(depth, int) else int(layer)
         if block not in stored:
             have = ", ".join(map(str, stored))
-            raise UsageError(f"layer: {path} stores layers {have}, not {layer}; pick one of them.")
+            raise UsageError(
+                f"layer: {path} stores layers {have}, not {layer}; pick one of them.",
+                params=("layer",),
+            )
     prefix = "" if block is None else f"layers/{block}/"
     where = f"{path}" + (f" layer {block}" if block is not None else "")
     if tokens == "cls":
@@ -279,7 +305,10 @@ def _pick(
     else:
         name = prefix + "patches"
         if name not in arrays:
-            raise OutputError(f"feats: {where} stores no patch tokens for tokens='patches-mean'.")
+            raise OutputError(
+                f"feats: {where} stores no patch tokens for tokens='patches-mean'.",
+                params=("feats",),
+            )
         picked = {"data": name}
         if name + "_offsets" in arrays:
             picked["offsets"] = name + "_offsets"
@@ -290,5 +319,7 @@ def _pick(
     data = arrays[picked["data"]]
     have = len(arrays[picked["offsets"]]) - 1 if "offsets" in picked else data.shape[0]
     if have != rows or data.ndim < 2:
-        raise OutputError(f"feats: {path}: {name} has {have} rows but there are {rows} paths.")
+        raise OutputError(
+            f"feats: {path}: {name} has {have} rows but there are {rows} paths.", params=("feats",)
+        )
     return rows, prefix, block, picked
