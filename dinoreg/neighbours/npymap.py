@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dinoreg.output.layout import read_npy_header
+
 __all__ = ["MappedNpy"]
 
 # Not every platform has it (Windows); there the pages simply stay mapped until close.
@@ -24,12 +26,7 @@ class MappedNpy:
 
     def __init__(self, path: Path, stack: ExitStack) -> None:
         with open(path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-            offset = fh.tell()
+            shape, fortran, dtype, offset = read_npy_header(fh)
             if fortran or dtype.hasobject or not shape:
                 raise ValueError(f"{path} is not a plain C-order array")
             self.shape, self.dtype, self._offset = tuple(shape), dtype, offset

@@ -22,7 +22,7 @@ import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -226,3 +226,13 @@ def read_rows(
             )
         done += got
     return np.frombuffer(buf, dtype=dt).reshape(stop - start, *row_shape)
+
+
+def read_npy_header(handle: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, data offset) of the `.npy` file open in `handle`."""
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+    return tuple(shape), fortran, dtype, handle.tell()

@@ -100,12 +100,7 @@ class _DirSource(Source):
         path = self.directory / file
         try:
             with open(path, "rb") as fh:
-                version = np.lib.format.read_magic(fh)
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-                else:
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-                offset = fh.tell()
+                shape, fortran, dtype, offset = layout.read_npy_header(fh)
         except (OSError, ValueError):
             raise OutputError(f"{path} is not a readable .npy file.") from None
         if fortran or dtype.hasobject or not shape:
