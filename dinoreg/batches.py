@@ -19,6 +19,7 @@ import torch.utils.data
 
 from dinoreg.inputs.buckets import Plan, plan
 from dinoreg.inputs.dataset import Batch, ImageDataset, collate
+from dinoreg.inputs.gpu_decode import TensorDecoder, choose_decoder, finish_encoded
 from dinoreg.inputs.normalise import normalise_batch
 from dinoreg.inputs.recipe import Recipe
 from dinoreg.runtime import ComputeOptions
@@ -40,8 +41,10 @@ def make_loader(
     device: torch.device,
     batch_plan: Plan | None = None,
     close_in_workers: Sequence[int] = (),
+    encoded: bool = False,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader over the paths in input order, decoding in worker processes.
+    """A DataLoader over the paths in input order, decoding in worker processes (`encoded`:
+    JPEGs the device can decode are only read, `dinoreg.inputs.gpu_decode`).
 
     With a keep-aspect `batch_plan` (`dinoreg.buckets`) batches follow it instead: one patch
     grid each, every image resized to its planned size. `close_in_workers` are descriptors a
@@ -49,7 +52,7 @@ def make_loader(
     """
     workers = options.workers if options.workers is not None else default_workers(device)
     sizes = batch_plan.sizes if batch_plan is not None else None
-    dataset = ImageDataset(paths, recipe, sizes=sizes)
+    dataset = ImageDataset(paths, recipe, sizes=sizes, encoded=encoded)
     chunk = chunk_size(options.batch_size, workers)
     sampler = PieceSampler(len(paths), options.batch_size, chunk, batch_plan)
     return torch.utils.data.DataLoader(
@@ -176,6 +179,8 @@ def run_batches(
     device: torch.device,
     times: StageTimes | None = None,
     close_in_workers: Sequence[int] = (),
+    *,
+    _tensor_decoder: TensorDecoder | None = None,
 ) -> Iterator[BatchResult]:
     """Decode, batch and run `compute(pixels_on_device)` for each batch, in input order.
 
@@ -190,12 +195,21 @@ def run_batches(
 
     Keep-aspect recipes first read every header and batch by patch grid (`dinoreg.buckets`):
     batches then come grouped by grid, in (grid, input index) order.
+
+    With JPEGs decoded on the device (`options.decode`, `choose_decoder`) workers hand those
+    over as bytes and each batch decodes them before normalising; rows, batches and failures
+    stay as on the CPU path. `_tensor_decoder` forces that path with the given decoder on any
+    device (tests run it on CPU tensors).
     """
+    decoder = _tensor_decoder or choose_decoder(options.decode, device, recipe, paths)
     times = times if times is not None else StageTimes()
     tick = time.perf_counter()
     batch_plan = plan(paths, recipe) if recipe.keep_aspect else None
     times.plan += time.perf_counter() - tick
-    loader = make_loader(paths, recipe, options, device, batch_plan, close_in_workers)
+    loader = make_loader(
+        paths, recipe, options, device, batch_plan, close_in_workers, encoded=decoder is not None
+    )
+    finish = functools.partial(_decode_rows, loader.dataset, recipe, device, decoder)
     # The pieces arrive in sampler order and each lies inside one batch, so a batch is complete
     # once its pieces hold exactly its number of inputs (failed ones included).
     lengths = (len(b) for b in batch_indices(len(paths), options.batch_size, batch_plan))
@@ -210,15 +224,15 @@ def run_batches(
         if piece.pixels is not None:
             on_device = piece.pixels.to(device, non_blocking=True)
         pending.append((piece, on_device))
-        count += len(piece.indices) + len(piece.failures)
+        count += len(piece.indices) + len(piece.failures) + len(piece.encoded)
         if count >= target:
             if count > target:  # the sampler's contract is broken: never run an oversized batch
                 raise RuntimeError(f"batch loop: pieces hold {count} inputs, batch has {target}")
-            yield from _flush(pending, paths, recipe, compute, times)
+            yield from _flush(pending, paths, recipe, compute, times, finish)
             pending, target, count = [], next(lengths, 0), 0
         tick = time.perf_counter()
     if pending:
-        yield from _flush(pending, paths, recipe, compute, times)
+        yield from _flush(pending, paths, recipe, compute, times, finish)
 
 
 def _flush(
@@ -227,19 +241,61 @@ def _flush(
     recipe: Recipe,
     compute: Callable[[torch.Tensor], object],
     times: StageTimes,
+    finish: Callable[[list[tuple[Batch, torch.Tensor | None]]], tuple] | None = None,
 ) -> Iterator[BatchResult]:
     """Run one batch made of the pending pieces; yield its result."""
     now = time.perf_counter()
-    good = [paths[i] for piece, _ in pending for i in piece.indices]
-    failures = [(paths[i], reason) for piece, _ in pending for i, reason in piece.failures]
-    tensors = [p for _, p in pending if p is not None]
+    if finish is not None and any(piece.encoded for piece, _ in pending):
+        indices, pixels, failed = finish(pending)
+        good = [paths[i] for i in indices]
+        failures = [(paths[i], reason) for i, reason in failed]
+    else:  # the CPU path: every image decoded by the workers
+        good = [paths[i] for piece, _ in pending for i in piece.indices]
+        failures = [(paths[i], reason) for piece, _ in pending for i, reason in piece.failures]
+        tensors = [p for _, p in pending if p is not None]
+        pixels = None
+        if tensors:
+            pixels = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
     outputs = None
-    if tensors:
-        pixels = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+    if pixels is not None:
         outputs = compute(normalise_batch(pixels, recipe))
     times.forward += time.perf_counter() - now
     yield BatchResult(good, outputs, failures)
     _return_freed_memory()
+
+
+def _decode_rows(
+    dataset: ImageDataset,
+    recipe: Recipe,
+    device: torch.device,
+    decoder: TensorDecoder,
+    pending: list[tuple[Batch, torch.Tensor | None]],
+) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    """A batch whose pieces hold undecoded JPEGs: decode them on the device and put every row
+    back in sampler order. Returns (row indices, (B, H, W, 3) uint8 on the device, failures)."""
+    rows: dict[int, torch.Tensor] = {}
+    failures: dict[int, str] = {}
+    for piece, on_device in pending:
+        if on_device is not None:
+            rows.update(zip(piece.indices, on_device, strict=True))
+        failures.update(piece.failures)
+    items = [item for piece, _ in pending for item in piece.encoded]
+    images = finish_encoded(items, device, recipe, decoder)
+    for item, image in zip(items, images, strict=True):
+        if image is None:
+            # The device refused it (or decoded another size): decode it here as the workers
+            # would have, so it becomes a row, or fails in the CPU path's words. Rare, so the
+            # loop may pay for it.
+            sample = dataset.decoded(item.index)
+            if sample.pixels is None:
+                failures[item.index] = sample.error or "unknown error"
+                continue
+            image = sample.pixels.to(device)
+        rows[item.index] = image
+    order = [i for piece, _ in pending for i in piece.order]
+    good = [i for i in order if i in rows]
+    pixels = torch.stack([rows[i] for i in good]) if good else None
+    return good, pixels, [(i, failures[i]) for i in order if i in failures]
 
 
 @functools.cache

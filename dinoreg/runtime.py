@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from dinoreg.errors import UsageError
+from dinoreg.inputs.gpu_decode import check_decode
 from dinoreg.model import cpu
 from dinoreg.model.vit import RegistersViT
 
@@ -27,6 +28,9 @@ class ComputeOptions:
     workers: int | None = None  # None: chosen from the cores present
     compile: bool = False  # torch.compile the model's forward (worth it on long GPU runs)
     cpu_fast_paths: bool = True  # `dinoreg.model.cpu`; off runs the plain model everywhere
+    # auto | cpu | gpu: where JPEGs are decoded (`dinoreg.inputs.gpu_decode`); auto picks the
+    # device on CUDA for JPEG inputs, the CPU workers otherwise
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -39,6 +43,7 @@ class ComputeOptions:
             raise UsageError(
                 f"Unknown dtype {self.dtype!r}; use auto, {', '.join(DTYPES)}.", params=("dtype",)
             )
+        check_decode(self.decode, self.device)
 
 
 def device_list(spec: str) -> list[str]:

@@ -1,36 +1,47 @@
-"""Decoded images as a torch Dataset, and the collate that stacks them into batches."""
+"""Decoded images as a torch Dataset, and the collate that stacks them into batches.
+
+With `encoded=True` (`ComputeOptions.decode` on the device) a JPEG the device can decode comes
+back undecoded (`gpu_decode.read_encoded`); every other file is decoded here as always.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.utils.data
 
 from dinoreg.inputs.decode import MAX_PIXELS, ImageDecodeError, load_image
+from dinoreg.inputs.gpu_decode import Encoded, read_encoded
 from dinoreg.inputs.normalise import to_uint8
 from dinoreg.inputs.recipe import PATCH_SIZE, Recipe, resize
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One dataset item: (H, W, 3) uint8 pixels on success, or the reason it failed."""
+    """One dataset item: (H, W, 3) uint8 pixels on success, the undecoded JPEG for the device
+    (`encoded`), or the reason it failed."""
 
     index: int
     pixels: torch.Tensor | None
     error: str | None
+    encoded: Encoded | None = None
 
 
 @dataclass
 class Batch:
-    """Decoded images stacked in batch order, plus the inputs that failed and why."""
+    """Decoded images stacked in batch order, JPEGs left for the device, and the inputs that
+    failed and why. `order` is every input of the piece in sampler order, which is the order
+    rows keep once the device has decoded its share."""
 
     indices: list[int]
     pixels: torch.Tensor | None  # (B, H, W, 3) uint8; None when every input failed
     failures: list[tuple[int, str]]
+    encoded: list[Encoded] = field(default_factory=list)
+    order: list[int] = field(default_factory=list, compare=False)  # derived from the rest
 
     def pin_memory(self) -> Batch:
         """Pin the pixels in page-locked memory (called by DataLoader(pin_memory=True))."""
@@ -55,19 +66,21 @@ class ImageDataset(torch.utils.data.Dataset):
         *,
         max_pixels: int = MAX_PIXELS,
         sizes: np.ndarray | None = None,
+        encoded: bool = False,
     ) -> None:
-        encoded = [os.fsencode(p) for p in paths]
+        names = [os.fsencode(p) for p in paths]
         # One bytes blob plus offsets instead of a list of str: forked workers that touch list
         # items copy their pages (refcounts), so memory would grow with the number of inputs.
-        self._blob = b"".join(encoded)
-        self._offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
+        self._blob = b"".join(names)
+        self._offsets = np.cumsum([0, *map(len, names)], dtype=np.int64)
         self.recipe = recipe
         self.max_pixels = max_pixels
         if sizes is not None:
             sizes = np.asarray(sizes, dtype=np.int32)
-            if not recipe.keep_aspect or sizes.shape != (len(encoded), 2):
+            if not recipe.keep_aspect or sizes.shape != (len(names), 2):
                 raise ValueError("sizes must be (N, 2), for a keep-aspect recipe only")
         self.sizes = sizes
+        self.encoded = encoded  # hand JPEGs over undecoded, for the device
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -86,13 +99,23 @@ class ImageDataset(torch.utils.data.Dataset):
         return int(self.sizes[index, 0]), int(self.sizes[index, 1])
 
     def __getitem__(self, index: int) -> Sample:
+        if self.encoded:
+            path = self.path(index)
+            item = read_encoded(path, index, self.recipe, self.max_pixels, self.planned_size(index))
+            if item is not None:
+                return Sample(index=index, pixels=None, error=None, encoded=item)
+        return self.decoded(index)
+
+    def decoded(self, index: int) -> Sample:
+        """The CPU path, the reference: decode, resize and crop here. The batch loop also
+        calls it for a JPEG the device refused, so that file fails in the same words."""
         path = self.path(index)
         planned = self.planned_size(index)
         try:
             image = load_image(path, self.recipe, max_pixels=self.max_pixels)
         except ImageDecodeError as exc:
             return Sample(index=index, pixels=None, error=exc.reason)
-        if planned is not None and not _fits_plan(image.size, planned):
+        if planned is not None and not fits_plan(image.size, planned):
             # The batch is already fixed to the planned grid: resizing to it would distort.
             error = (
                 f"decoded as {image.width}x{image.height}, which does not fit the "
@@ -104,7 +127,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return Sample(index=index, pixels=pixels, error=None)
 
 
-def _fits_plan(size: tuple[int, int], planned: tuple[int, int]) -> bool:
+def fits_plan(size: tuple[int, int], planned: tuple[int, int]) -> bool:
     """Whether an image of `size` has the aspect of its planned (W, H), up to the rounding of
     each planned side to the patch grid (half a patch, a whole one where the long side is capped)
     and reduced-size JPEG decoding (2%). A quarter turn the plan missed lands far outside."""
@@ -116,8 +139,20 @@ def _fits_plan(size: tuple[int, int], planned: tuple[int, int]) -> bool:
 
 
 def collate(samples: list[Sample]) -> Batch:
-    """Stack successful samples into one tensor; failed ones become (index, reason) pairs."""
+    """Stack decoded samples into one tensor, keep undecoded JPEGs aside; failed ones become
+    (index, reason) pairs."""
     good = [s for s in samples if s.pixels is not None]
-    failures = [(s.index, s.error or "unknown error") for s in samples if s.pixels is None]
+    encoded = [s.encoded for s in samples if s.encoded is not None]
+    failures = [
+        (s.index, s.error or "unknown error")
+        for s in samples
+        if s.pixels is None and s.encoded is None
+    ]
     pixels = torch.stack([s.pixels for s in good]) if good else None
-    return Batch(indices=[s.index for s in good], pixels=pixels, failures=failures)
+    return Batch(
+        indices=[s.index for s in good],
+        pixels=pixels,
+        failures=failures,
+        encoded=encoded,
+        order=[s.index for s in samples],
+    )
