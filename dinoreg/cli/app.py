@@ -133,6 +133,16 @@ DTypeOpt = Annotated[
         rich_help_panel="Compute",
     ),
 ]
+DecodeOpt = Annotated[
+    str,
+    typer.Option(
+        "--decode",
+        metavar="auto|cpu|gpu",
+        help="Where JPEGs are decoded: auto (the GPU on CUDA, for JPEG inputs), cpu (decode "
+        "workers), gpu (nvJPEG; needs dinoreg[gpu]).",
+        rich_help_panel="Compute",
+    ),
+]
 BatchOpt = Annotated[
     int,
     typer.Option(
@@ -213,6 +223,7 @@ FLAGS = {
     "batch_size": "--batch-size",
     "workers": "--workers",
     "compile": "--compile",
+    "decode": "--decode",
     "overwrite": "--overwrite",
     "resume": "--resume",
     "top": "--top-k",

@@ -15,6 +15,7 @@ from dinoreg.cli.app import (
     EXIT_SKIPPED,
     BatchOpt,
     CompileOpt,
+    DecodeOpt,
     DeviceOpt,
     DTypeOpt,
     ExactOpt,
@@ -58,6 +59,7 @@ def classify(
     exact_decode: ExactOpt = False,
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = "auto",
+    decode: DecodeOpt = "auto",
     batch_size: BatchOpt = 16,
     workers: WorkersOpt = None,
     compile: CompileOpt = False,
@@ -71,7 +73,12 @@ def classify(
 
     recipe = Recipe.for_size(image_size, crop=not no_crop, exact_decode=exact_decode)
     compute = ComputeOptions(
-        device=device, dtype=dtype, batch_size=batch_size, workers=workers, compile=compile
+        device=device,
+        dtype=dtype,
+        decode=decode,
+        batch_size=batch_size,
+        workers=workers,
+        compile=compile,
     )
     if model == "small-imagenet1k" and head is not None:
         model = "small"  # a head file goes on a backbone

@@ -15,6 +15,7 @@ from dinoreg.cli.app import (
     EXIT_SKIPPED,
     BatchOpt,
     CompileOpt,
+    DecodeOpt,
     DeviceOpt,
     DTypeOpt,
     ExactOpt,
@@ -151,6 +152,7 @@ def embed(
     exact_decode: ExactOpt = False,
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = "auto",
+    decode: DecodeOpt = "auto",
     batch_size: BatchOpt = 16,
     workers: WorkersOpt = None,
     compile: CompileOpt = False,
@@ -231,7 +233,12 @@ def embed(
         max_size=max_size,
     )
     compute = ComputeOptions(
-        device=device, dtype=dtype, batch_size=batch_size, workers=workers, compile=compile
+        device=device,
+        dtype=dtype,
+        decode=decode,
+        batch_size=batch_size,
+        workers=workers,
+        compile=compile,
     )
     stored = OutputOptions(
         tokens=tokens,

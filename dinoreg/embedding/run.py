@@ -103,6 +103,7 @@ def embed(
     resume: bool = False,
     device: str = "auto",
     dtype: str = "auto",
+    decode: str = "auto",
     batch_size: int = 16,
     workers: int | None = None,
     compile: bool = False,
@@ -131,7 +132,12 @@ def embed(
         image_size, crop=crop, exact_decode=exact_decode, keep_aspect=keep_aspect, max_size=max_size
     )
     compute = ComputeOptions(
-        device=device, dtype=dtype, batch_size=batch_size, workers=workers, compile=compile
+        device=device,
+        dtype=dtype,
+        decode=decode,
+        batch_size=batch_size,
+        workers=workers,
+        compile=compile,
     )
     output = OutputOptions(
         tokens=tokens,

@@ -63,12 +63,14 @@ def check_decode(decode: str, device: str) -> None:
         return
     if device.split(":")[0] in ("cpu", "mps"):
         raise UsageError(
-            f"decode='gpu' needs CUDA, but device is {device!r}; use decode='auto' or 'cpu'.",
+            f"decode='gpu' needs CUDA, but device is {device!r}; use decode='auto' or "
+            "decode='cpu'.",
             params=("decode", "device"),
         )
     if not torch.cuda.is_available():
         raise UsageError(
-            "decode='gpu' needs CUDA, but no CUDA GPU is visible; use decode='auto' or 'cpu'.",
+            "decode='gpu' needs CUDA, but no CUDA GPU is visible; use decode='auto' or "
+            "decode='cpu'.",
             params=("decode",),
         )
     if importlib.util.find_spec("torchvision") is None:
