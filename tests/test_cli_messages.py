@@ -14,7 +14,8 @@ import h5py
 import pytest
 from conftest import EXAMPLES, make_hf
 
-from dinoreg.cli.app import as_flags, main
+from dinoreg.cli.app import main
+from dinoreg.cli.flags import as_flags
 
 
 def run_cli(capsys, monkeypatch, *args: str, stdin: str = "") -> tuple[int, str, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 from typing import Annotated
 
@@ -21,7 +20,6 @@ from dinoreg.cli.app import (
     ExactOpt,
     Format,
     Inputs,
-    Invocation,
     ModelOpt,
     NoCropOpt,
     QuietOpt,
@@ -30,6 +28,7 @@ from dinoreg.cli.app import (
     dtype_choice,
     examples,
 )
+from dinoreg.cli.summary import resume_command, summary_doc, summary_line
 
 EmbedSizeOpt = Annotated[
     int,
@@ -269,10 +268,10 @@ def embed(
         output.say(
             ("interrupted", "yellow"),
             f": {s.rows} rows committed to {s.rows_at or out}; continue with:\n"
-            f"  {_resume_command(ctx)}",
+            f"  {resume_command(ctx)}",
         )
         if json_out:
-            print(json.dumps(_summary_doc(s), ensure_ascii=False))
+            print(json.dumps(summary_doc(s), ensure_ascii=False))
         raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
         bar.close()
@@ -282,58 +281,8 @@ def embed(
             f"stored as inf in {out}; use --store-dtype float32 to keep them."
         )
     if json_out:
-        print(json.dumps(_summary_doc(summary), ensure_ascii=False))
+        print(json.dumps(summary_doc(summary), ensure_ascii=False))
     elif not quiet:
-        output.say(_summary_line(summary))
+        output.say(summary_line(summary))
     if summary.failures or summary.failures_before:
         raise typer.Exit(EXIT_SKIPPED)  # the output lacks rows for some inputs
-
-
-def _summary_line(s) -> str:
-    if s.mode_used == "already-complete":
-        return f"{s.out} is already complete ({s.resumed} inputs); nothing to do"
-    size = output.human_bytes(s.bytes)
-    resumed = f", {s.resumed} done by earlier runs" if s.resumed else ""
-    earlier = f", {s.failures_before} earlier" if s.failures_before else ""
-    verb = "continued" if s.mode_used == "continued" else "embedded"
-    line = (
-        f"{verb}: {s.rows} images ({len(s.failures)} skipped{earlier}{resumed}) in "
-        f"{s.seconds:.1f} s, {s.images_per_s:.1f} images/s -> {s.out} ({size})"
-    )
-    loop = sum(s.times.get(k, 0.0) for k in ("wait_input", "forward", "write"))
-    if loop > 0:
-        # the one number that says whether more decode workers (or GPU decoding) would help
-        line += f"; the model waited on input {s.times.get('wait_input', 0.0) / loop:.0%}"
-    return line
-
-
-def _summary_doc(s) -> dict:
-    """The run summary for scripts (`--json`): one object on stdout."""
-    return {
-        "output": str(s.out),
-        "complete": s.complete,
-        "mode": s.mode_used,
-        "rows": s.rows,
-        "skipped": len(s.failures),
-        "skipped_before": s.failures_before,
-        "resumed": s.resumed,
-        "inputs": s.inputs,
-        "seconds": round(s.seconds, 3),
-        "images_per_s": round(s.images_per_s, 3),
-        "bytes": s.bytes,
-        "rows_at": str(s.rows_at) if s.rows_at else None,
-        "nonfinite_values": s.nonfinite_values,
-        "times": s.times,
-    }
-
-
-def _resume_command(ctx: typer.Context) -> str:
-    """The command line that continues this run: the same arguments, --resume for --overwrite."""
-    given = ctx.obj.args if isinstance(ctx.obj, Invocation) else sys.argv[1:]
-    args = [a for a in given if a != "--overwrite"]
-    if "--resume" not in args:
-        args.append("--resume")
-    text = shlex.join(["dinoreg", *args])
-    if "-" in args:
-        text += "   (feed the same paths on stdin again)"
-    return text
