@@ -16,7 +16,8 @@ from dinoreg.errors import OutputError, UsageError
 from dinoreg.inputs.recipe import aspect_size
 from dinoreg.runtime import PreparedModel
 from dinoreg.viz import draw
-from dinoreg.viz.show import ShowOptions, _run, output_names, show, to_pixels, unique_stems
+from dinoreg.viz.maps import run_maps, to_pixels
+from dinoreg.viz.show import ShowOptions, output_names, show, unique_stems
 
 # One landscape, one portrait (512 x 600); both are small, so a run takes about a second.
 PHOTOS = [str(EXAMPLES / "chelsea.jpg"), str(EXAMPLES / "grace_hopper.jpg")]
@@ -76,7 +77,7 @@ def test_stems_are_unique():
 
 def test_single_pass_equals_the_public_methods(tiny_model):
     x = torch.randn(1, 3, 42, 70, generator=torch.Generator().manual_seed(0))
-    maps = _run(tiny_model, x)
+    maps = run_maps(tiny_model, x)
     model = tiny_model.model
     with torch.no_grad():
         final = model.forward_features(x).patches[0].numpy()

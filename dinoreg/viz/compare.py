@@ -32,6 +32,7 @@ from dinoreg.inputs.decode import ImageDecodeError, load_image
 from dinoreg.inputs.recipe import aspect_size, resize
 from dinoreg.runtime import ComputeOptions, PreparedModel, prepare_model
 from dinoreg.viz import draw
+from dinoreg.viz.maps import recipe_for, run_maps, to_pixels
 from dinoreg.viz.norms import (
     HistogramSeries,
     ModelMaps,
@@ -41,7 +42,7 @@ from dinoreg.viz.norms import (
     patch_norms,
 )
 from dinoreg.viz.pca import fit_patches
-from dinoreg.viz.show import Progress, ShowOptions, _run, recipe_for, to_pixels, unique_stems
+from dinoreg.viz.show import Progress, ShowOptions, unique_stems
 
 Loader = Callable[[str, ComputeOptions], PreparedModel]
 
@@ -198,7 +199,7 @@ def compare(
 
 def _load(path: str, options: ShowOptions, patch: int) -> Image.Image:
     """Decode and resize at the image's aspect to multiples of the models' patch size."""
-    recipe = recipe_for(options)
+    recipe = recipe_for(options.size, options.long_side)
     image = load_image(path, recipe)
     return resize(image, recipe, aspect_size(*image.size, options.size, options.long_side, patch))
 
@@ -208,7 +209,7 @@ def _model_maps(
 ) -> ModelMaps:
     model = prepared.model
     registers = model.cfg.num_registers
-    maps = _run(prepared, to_pixels(image, model))
+    maps = run_maps(prepared, to_pixels(image, model))
     h, w = maps.patches.shape[:2]
     attention = maps.cls_attention[:, 1 + registers :].mean(axis=0).reshape(h, w)
     to_registers = (

@@ -19,15 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from dinoreg.errors import InputError, OutputError, UsageError
-from dinoreg.inputs.decode import ImageDecodeError, load_image
-from dinoreg.inputs.normalise import normalise
-from dinoreg.inputs.recipe import PATCH_SIZE, Recipe, aspect_size, resize
+from dinoreg.inputs.decode import ImageDecodeError
+from dinoreg.inputs.recipe import PATCH_SIZE
 from dinoreg.runtime import PreparedModel
 from dinoreg.viz import draw
+from dinoreg.viz.maps import Maps, load_resized, model_identity, run_maps, to_pixels
 from dinoreg.viz.norms import HistogramSeries, histogram_picture, norm_stats, patch_norms
 from dinoreg.viz.pca import PCA, PCAAccumulator, fit_patches
 
@@ -129,55 +128,6 @@ def output_names(stem: str, heads: int, with_heads: bool = True, hist: bool = Fa
     ]
 
 
-def model_identity(model: torch.nn.Module) -> tuple[str, str]:
-    """(name, weights sha256) from `load_model`'s provenance; empty for a bare module."""
-    info = getattr(model, "info", None)
-    return getattr(info, "name", "") or "", getattr(info, "sha256", "") or ""
-
-
-def recipe_for(options: ShowOptions) -> Recipe:
-    """The keep-aspect recipe of `embed --keep-aspect` at the show's sizes."""
-    side = -(-options.size // PATCH_SIZE) * PATCH_SIZE
-    return Recipe.for_size(side, keep_aspect=True, max_size=options.long_side)
-
-
-def load_resized(path: str, options: ShowOptions, with_scale: bool = False):
-    """Decode (EXIF-oriented RGB) and resize at the image's aspect, bicubic, no crop; with
-    `with_scale`, also how much the short side was enlarged."""
-    recipe = recipe_for(options)
-    image = load_image(path, recipe)
-    target = aspect_size(*image.size, options.size, options.long_side)
-    resized = resize(image, recipe, target)
-    if with_scale:
-        return resized, min(target) / max(1, min(image.size))
-    return resized
-
-
-def to_pixels(image: Image.Image, model: torch.nn.Module) -> torch.Tensor:
-    """ImageNet-normalised (1, 3, H, W) on the model's device and dtype."""
-    param = next(model.parameters())
-    return normalise(image, Recipe())[None].to(param.device, param.dtype)
-
-
-@dataclass(frozen=True)
-class _Maps:
-    patches: np.ndarray  # (h, w, D) final-norm, what `embed` stores and the PCA is fitted on
-    raw: np.ndarray  # (h, w, D) last block before the final norm, where artifacts stand out
-    cls_attention: np.ndarray  # (heads, T) CLS row of the last block's attention
-
-
-def _run(prepared: PreparedModel, pixels: torch.Tensor, attention: bool = True) -> _Maps:
-    # One pass serves all three maps.
-    with prepared.inference():
-        out = prepared.model.features(pixels, cls_attention=attention)
-    cls_row = out.cls_attention[0] if attention else torch.zeros(0)
-    return _Maps(_numpy(out.tokens.patches[0]), _numpy(out.last.patches[0]), _numpy(cls_row))
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    return t.float().cpu().numpy().astype(np.float64)
-
-
 def fit_pca(
     prepared: PreparedModel,
     paths: Sequence[str],
@@ -194,11 +144,11 @@ def fit_pca(
     failed = []
     for i, path in enumerate(paths):
         try:
-            image = load_resized(path, options)
+            image = load_resized(path, options.size, options.long_side)
         except ImageDecodeError as exc:
             failed.append((path, exc.reason))
         else:
-            acc.add(_run(prepared, to_pixels(image, model), attention=False).patches)
+            acc.add(run_maps(prepared, to_pixels(image, model), attention=False).patches)
         if progress:
             progress("fit", i + 1, len(paths))
     if acc.count == 0:
@@ -256,13 +206,15 @@ def show(
             pass
         else:
             try:
-                image, upscale = load_resized(path, options, with_scale=True)
+                image, upscale = load_resized(
+                    path, options.size, options.long_side, with_scale=True
+                )
             except ImageDecodeError as exc:
                 failed.append((path, exc.reason))
                 if on_image is not None:
                     on_image(failed[-1])
             else:
-                maps = _run(prepared, to_pixels(image, model))
+                maps = run_maps(prepared, to_pixels(image, model))
                 report = _draw(image, maps, stem, path, out, shared, options, regs, name)
                 reports.append(dataclasses.replace(report, upscale=upscale))
                 if on_image is not None:
@@ -275,7 +227,7 @@ def show(
 
 def _draw(
     image: Image.Image,
-    maps: _Maps,
+    maps: Maps,
     stem: str,
     path: str,
     out: Path,
