@@ -18,6 +18,9 @@ from conftest import EXAMPLES
 TOL = 1e-5
 TOKENS = ("cls", "registers", "patches")
 
+# Ray starts a local cluster (~20 s): its own CI step, `python -m pytest -q -m ray`
+pytestmark = pytest.mark.ray
+
 
 @pytest.fixture(scope="module")
 def ray():
