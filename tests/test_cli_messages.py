@@ -158,3 +158,25 @@ def test_info_reads_as_text_for_people(capsys, monkeypatch, tmp_path, tiny_dir):
     assert "None" not in stdout and "['" not in stdout  # no Python reprs
     assert any(line.split() == ["grid", "16x16", "patches", "(h", "x", "w)"] for line in lines)
     assert any(line.split()[:2] == ["paths", "(1)"] for line in lines)
+
+
+def test_file_names_that_are_not_utf8_print_under_a_strict_encoding(tmp_path, tiny_dir):
+    import os
+    import subprocess
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    name = os.fsdecode(b"caf\xe9.jpg")  # Latin-1, not UTF-8
+    shutil.copy(EXAMPLES / "chelsea.jpg", folder / name)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    out = tmp_path / "f.h5"
+    for args in (["embed", str(folder), "-o", str(out), "-m", str(tiny_dir.path), "-j", "0"],
+                 ["info", str(out)],
+                 ["show", str(folder), "-o", str(tmp_path / "pics"), "-m", str(tiny_dir.path),
+                  "--size", "112"]):  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "dinoreg", *args], capture_output=True, env=env
+        )
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
+        assert b"Traceback" not in done.stderr
+    assert b"caf\xe9.jpg" in done.stdout  # show's line: the name's own bytes

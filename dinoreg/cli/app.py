@@ -225,6 +225,12 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run a command; map known errors to one line on stderr and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
+    for stream in (sys.stdout, sys.stderr):
+        # a file name that is not UTF-8 prints as its own bytes, whatever the locale's encoding
+        # would otherwise refuse (PYTHONIOENCODING=utf-8 is strict)
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="surrogateescape")
     with sigterm_as_interrupt():
         code = run(args)
     sys.exit(code)

@@ -194,6 +194,7 @@ def show(
     if options.pca is not None:
         shared = PCA.load(options.pca)
         shared.check(name, sha, model.cfg.dim, str(options.pca))
+    _check_destinations(out, options.fit_pca)  # before any work: fitting a PCA takes a pass
     out.mkdir(parents=True, exist_ok=True)
     saved = None
     if options.fit_pca is not None:
@@ -293,3 +294,16 @@ def _draw(
         files=files,
         outlier_share=stats.outlier_share,
     )
+
+
+def _check_destinations(out: Path, fit_pca: str | Path | None) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputError(
+            f"{out} is a file, not a directory; give a directory as out_dir.", params=("out_dir",)
+        )
+    if fit_pca is not None and not Path(fit_pca).parent.is_dir():
+        raise OutputError(
+            f"cannot save the PCA to {fit_pca}: {Path(fit_pca).parent} is not a directory; create "
+            "it or choose another fit_pca path.",
+            params=("fit_pca",),
+        )
