@@ -219,7 +219,8 @@ def test_resume_refuses_a_different_recipe(capsys, monkeypatch, tmp_path, tiny_d
     out = tmp_path / "r.h5"
     # an interrupted run: a staging directory with a journal
     from dinoreg.embedding.rows import OutputOptions, dataset_specs
-    from dinoreg.output.writer import OutputSpec, Writer
+    from dinoreg.output.spec import OutputSpec
+    from dinoreg.output.writer import Writer
 
     spec = OutputSpec(out, "h5", dataset_specs(32, 4, (16, 16), OutputOptions()))
     meta = {

@@ -14,7 +14,8 @@ from dinoreg.errors import OutputError
 from dinoreg.output import checks, lock
 from dinoreg.output.layout import DatasetSpec
 from dinoreg.output.reader import inspect_output, read
-from dinoreg.output.writer import OutputSpec, Writer, check_output
+from dinoreg.output.spec import OutputSpec, check_output
+from dinoreg.output.writer import Writer
 
 SPECS = (DatasetSpec("cls", (4,), "float16"),)
 

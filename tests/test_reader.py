@@ -12,7 +12,8 @@ import pytest
 from dinoreg.errors import OutputError
 from dinoreg.output.layout import DatasetSpec
 from dinoreg.output.reader import inspect_output, read
-from dinoreg.output.writer import OutputSpec, Writer
+from dinoreg.output.spec import OutputSpec
+from dinoreg.output.writer import Writer
 
 D = 4
 GRID_SPECS = (

@@ -19,7 +19,9 @@ from dinoreg.errors import OutputError
 from dinoreg.output import hdf5, layout, store
 from dinoreg.output.layout import DatasetSpec
 from dinoreg.output.reader import inspect_output, read
-from dinoreg.output.writer import OutputSpec, Writer, check_output, infer_format
+from dinoreg.output.spec import OutputSpec, check_output
+from dinoreg.output.state import infer_format
+from dinoreg.output.writer import Writer
 
 REPO = Path(__file__).resolve().parent.parent
 D = 8

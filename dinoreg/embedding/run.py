@@ -32,7 +32,9 @@ from dinoreg.inputs.recipe import Recipe
 from dinoreg.output.background import BackgroundWriter
 from dinoreg.output.layout import DatasetSpec
 from dinoreg.output.shards import INDEX, shard_meta
-from dinoreg.output.writer import OutputSpec, Writer, check_output, infer_format
+from dinoreg.output.spec import OutputSpec, check_output
+from dinoreg.output.state import infer_format
+from dinoreg.output.writer import Writer
 from dinoreg.runtime import ComputeOptions, device_list, prepare_model
 
 

@@ -25,8 +25,9 @@ from dinoreg.output.identity import InputList
 from dinoreg.output.layout import DatasetSpec
 from dinoreg.output.meta import RESUME_KEYS
 from dinoreg.output.sources import Source, open_source
+from dinoreg.output.spec import Mode, OutputSpec, check_output
 from dinoreg.output.state import infer_format
-from dinoreg.output.writer import Mode, OutputSpec, Writer, check_output
+from dinoreg.output.writer import Writer
 
 INDEX = "index"
 # per-shard keys, left out of the merged output (`embed --shard` writes the first three; the

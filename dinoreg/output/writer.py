@@ -16,7 +16,6 @@ import os
 import uuid
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -24,7 +23,7 @@ from typing import Any, Literal
 from dinoreg._fs import fsync_dir, read_json, write_json_atomic
 from dinoreg.errors import OutputError
 from dinoreg.output import layout
-from dinoreg.output.checks import check_destination, check_free_space, os_error
+from dinoreg.output.checks import check_free_space, os_error
 from dinoreg.output.finished import (
     clear_stage,
     finished_meta,
@@ -34,82 +33,20 @@ from dinoreg.output.finished import (
 )
 from dinoreg.output.hdf5 import convert_to_h5
 from dinoreg.output.identity import INPUTS, InputList, identity, read_inputs
-from dinoreg.output.layout import DatasetSpec
-from dinoreg.output.lock import acquire_lock, probe_lock
-from dinoreg.output.meta import RESUME_KEYS, now, prepare_meta
+from dinoreg.output.lock import acquire_lock
+from dinoreg.output.meta import now, prepare_meta
 from dinoreg.output.resume import check_finished_run, check_same_inputs, check_same_run
+from dinoreg.output.spec import Mode, OutputSpec, check_state
 from dinoreg.output.state import (
-    Format,
     Located,
-    infer_format,
     locate,
-    output_state,
     partial_dir,
-    staging_dir,
 )
 from dinoreg.output.store import Journal, StagingStore, crash_point
 
-__all__ = [
-    "RESUME_KEYS",
-    "DatasetSpec",
-    "OutputSpec",
-    "Writer",
-    "check_output",
-    "infer_format",
-    "output_state",
-    "staging_dir",
-]
-
-Mode = Literal["new", "overwrite", "resume"]
 # What `Writer.open` did: started a new output, continued an incomplete one, or found the same
 # run already complete (resume only; nothing is written then).
 ModeUsed = Literal["created", "continued", "already-complete"]
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    path: Path
-    format: Format
-    datasets: tuple[DatasetSpec, ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
-        object.__setattr__(self, "datasets", tuple(self.datasets))
-        if self.format not in ("h5", "npy"):
-            raise ValueError(f"format must be 'h5' or 'npy', not {self.format!r}")
-        layout.validate_datasets(self.datasets)
-
-
-def check_output(
-    target: OutputSpec | str | os.PathLike[str], mode: Mode, format_flag: str | None = None
-) -> None:
-    """Refuse early (before any model loads) what `Writer.open` would refuse. Writes nothing."""
-    if isinstance(target, OutputSpec):
-        path, fmt = target.path, target.format
-    else:
-        path, fmt = Path(target), infer_format(target, format_flag)
-    check_destination(path)  # first: a name too long for its .partial breaks every later stat
-    loc = locate(path, fmt)
-    _check_state(path, mode, loc.state)
-    probe_lock(loc.stage, path)
-    if fmt == "npy" and loc.stage != path:
-        probe_lock(path, path)
-
-
-def _check_state(path: Path, mode: Mode, state: str) -> None:
-    if mode not in ("new", "overwrite", "resume"):
-        raise ValueError(f"mode must be new, overwrite or resume, not {mode!r}")
-    if mode == "new" and state != "missing":
-        raise OutputError(
-            f"{path} already exists; pass overwrite=True to replace it or resume=True to "
-            "continue it.",
-            params=("overwrite", "resume"),
-        )
-    if mode == "resume" and state == "damaged":
-        raise OutputError(
-            f"{path} has a damaged meta.json; pass overwrite=True to start again.",
-            params=("overwrite",),
-        )
 
 
 class Writer:
@@ -159,7 +96,7 @@ class Writer:
         listed = InputList.of(inputs) if inputs is not None else None
         path = spec.path
         loc = locate(path, spec.format)
-        _check_state(path, mode, loc.state)  # refuse before creating anything
+        check_state(path, mode, loc.state)  # refuse before creating anything
         if loc.swap_pending:
             fd = acquire_lock(loc.stage, path)
             try:
@@ -186,7 +123,7 @@ class Writer:
         try:
             # Re-check under the lock: another process may have finished or started meanwhile.
             now_at = locate(path, spec.format)
-            _check_state(path, mode, now_at.state)
+            check_state(path, mode, now_at.state)
             if spec.format == "h5":
                 # A conversion killed half-way; the staging dir still has everything.
                 path.with_name(path.name + ".tmp").unlink(missing_ok=True)
