@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import TextIO
@@ -89,8 +89,12 @@ def classify(
     recipe: Recipe | None = None,
     compute: ComputeOptions | None = None,
     stdin: TextIO | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> Iterator[Classified | Skipped]:
-    """Classify images, yielding one result per input in input order as batches finish."""
+    """Classify images, yielding one result per input in input order as batches finish.
+
+    `notice` receives one-line remarks worth showing a person (a `head` that replaces the
+    checkpoint's own classifier)."""
     if top < 1:
         raise UsageError(f"top must be at least 1, got {top}.", params=("top",))
     recipe = recipe or Recipe()
@@ -106,6 +110,8 @@ def classify(
             params=("head",),
         )
     names = label_names(net.info.labels, net.cfg.num_labels)
+    if notice is not None and net.info.replaced_head:
+        notice(f"{head} replaces the classifier that {model} comes with.")
 
     def forward(pixels: torch.Tensor) -> torch.Tensor:
         with prepared.inference():

@@ -193,7 +193,7 @@ def test_existing_output_is_refused_before_the_model_loads(capsys, monkeypatch, 
     "args,code,words",
     [
         (["embed", "/nonexistent-dir", "-o", "{tmp}/a.h5"], 1, "No images found"),
-        (["embed", "{ex}", "-o", "{tmp}/a.txt"], 1, "cannot tell the output format"),
+        (["embed", "{ex}", "-o", "{tmp}/a.txt"], 2, "cannot tell the output format"),
         (["embed", "{ex}", "-o", "{tmp}/a.h5", "--tokens", "cls,bogus"], 2, "--tokens"),
         (["embed", "{ex}", "-o", "{tmp}/a.h5", "--image-size", "100"], 2, "multiple of 14"),
         # --resume creates a missing output: it gets as far as the (uncached) default model

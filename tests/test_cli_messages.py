@@ -14,6 +14,7 @@ import h5py
 import pytest
 from conftest import EXAMPLES, make_hf
 
+import dinoreg
 from dinoreg.cli.app import main
 from dinoreg.cli.flags import as_flags
 
@@ -180,3 +181,40 @@ def test_file_names_that_are_not_utf8_print_under_a_strict_encoding(tmp_path, ti
         assert done.returncode == 0, done.stderr.decode(errors="replace")
         assert b"Traceback" not in done.stderr
     assert b"caf\xe9.jpg" in done.stdout  # show's line: the name's own bytes
+
+
+def test_usage_mistakes_are_exit_2(capsys, monkeypatch, tmp_path, tiny_dir):
+    model = ["-m", tiny_dir.path]
+    for args in (
+        ["embed", EXAMPLES, "-o", tmp_path / "x.txt", *model],
+        ["embed", EXAMPLES, "-o", tmp_path / "x.npy", *model],
+        ["show", EXAMPLES / "chelsea.jpg", "-o", tmp_path / "s", "--pca", tmp_path / "no.npz"],
+        ["show", EXAMPLES / "chelsea.jpg", "-o", tmp_path / "s", "--size", "100", *model],
+    ):
+        code, _, err = run_cli(capsys, monkeypatch, *args)
+        assert code == 2, (args, err)
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_load_model_on_a_missing_device_is_a_dinoreg_error(tiny_dir):
+    import torch
+
+    from dinoreg.errors import DinoregError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(DinoregError, match="device 'cuda'"):
+        dinoreg.load_model(str(tiny_dir.path), device="cuda")
+
+
+def test_a_head_that_replaces_a_classifier_is_said(capsys, monkeypatch, tmp_path):
+    import torch
+
+    classifier = make_hf(tmp_path, num_labels=1000, seed=8)
+    head = tmp_path / "head.pth"
+    torch.save({"weight": torch.zeros(7, 64), "bias": torch.zeros(7)}, head)
+    code, _, err = run_cli(
+        capsys, monkeypatch, "classify", EXAMPLES / "chelsea.jpg", "-m", classifier.path,
+        "--head", head, "-j", "0", "-k", "1",
+    )  # fmt: skip
+    assert code == 0 and f"{head} replaces the classifier that" in err

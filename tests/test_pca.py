@@ -120,7 +120,7 @@ def test_refuses_other_models_and_bad_files(tmp_path):
         pca.check("tiny", "ab" * 32, 32)
     with pytest.raises(UsageError, match="fit_pca"):
         pca.check("other", "cd" * 32, 24)
-    with pytest.raises(InputError, match="does not exist"):
+    with pytest.raises(UsageError, match="does not exist"):
         PCA.load(tmp_path / "missing.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(InputError, match="not a PCA file"):

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from dinoreg.errors import OutputError
+from dinoreg.errors import OutputError, UsageError
 from dinoreg.output import hdf5, layout, store
 from dinoreg.output.layout import DatasetSpec
 from dinoreg.output.reader import inspect_output, read
@@ -300,9 +300,10 @@ def test_infer_format(tmp_path: Path) -> None:
     assert infer_format("feats.h5") == "h5" and infer_format("x/F.HDF5") == "h5"
     assert infer_format("feats/") == "npy" and infer_format(tmp_path) == "npy"
     assert infer_format("feats", "npy") == "npy" and infer_format("feats.h5", "npy") == "npy"
-    with pytest.raises(OutputError, match=r"format=.npy."):
+    # usage errors (exit 2): the arguments do not name an output dinoreg can write
+    with pytest.raises(UsageError, match=r"format=.npy."):
         infer_format("feats.bin")
-    with pytest.raises(OutputError, match="directory"):
+    with pytest.raises(UsageError, match="directory"):
         infer_format(tmp_path, "h5")
 
 

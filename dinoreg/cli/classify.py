@@ -90,6 +90,7 @@ def classify(
         recipe=recipe,
         compute=compute,
         stdin=sys.stdin,
+        notice=output.warning,
     )
     skipped = 0
     table = sys.stdout.isatty() and not json_out

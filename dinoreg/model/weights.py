@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dinoreg.errors import WeightsError
+from dinoreg.errors import UsageError, WeightsError
 from dinoreg.model import layouts
 from dinoreg.model.config import ConfigError, ViTConfig
 from dinoreg.model.files import file_sha256, read_state_dict, short_error
@@ -35,6 +35,7 @@ class ModelInfo:
     files: tuple[str, ...]
     labels: tuple[str, ...] | None  # class names from the checkpoint, when it has real ones
     family: str = "dinov2_with_registers"  # or "dinov2": which release the weights belong to
+    replaced_head: bool = False  # `head` replaced the checkpoint's own classifier
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -204,6 +205,7 @@ def load_model(
     `head` puts an original linear head file on the backbone. `model.info` records provenance.
     """
     model, info = load_weights(str(name_or_path))
+    replaced = head is not None and model.head is not None
     if head is not None:
         attach_head(model, Path(head))
         info = ModelInfo(
@@ -213,7 +215,15 @@ def load_model(
             (*info.files, str(head)),
             None,
             info.family,
+            replaced,
         )
     model.info = info
     model.eval().requires_grad_(False)
-    return model.to(device=device, dtype=dtype)
+    try:
+        return model.to(device=device, dtype=dtype)
+    except (AssertionError, RuntimeError) as exc:  # torch built without that device, or no GPU
+        raise UsageError(
+            f"cannot put the model on device {device!r} ({short_error(exc)}); use a device this "
+            "torch build has (cpu, or install the CUDA build of torch for cuda).",
+            params=("device",),
+        ) from None

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from dinoreg._fs import read_json
-from dinoreg.errors import OutputError
+from dinoreg.errors import OutputError, UsageError
 from dinoreg.output import layout
 
 Format = Literal["h5", "npy"]
@@ -36,18 +36,18 @@ def infer_format(path: str | os.PathLike[str], format_flag: str | None = None) -
         format_flag is None and Path(text).suffix.lower() in (".h5", ".hdf5")
     ):
         if is_dir:
-            raise OutputError(
+            raise UsageError(
                 f"{text} is a directory; give an HDF5 file path like feats.h5 as out.",
                 params=("out",),
             )
         return "h5"
     if format_flag is not None:
-        raise OutputError(
+        raise UsageError(
             f"unknown output format {format_flag!r}; pass format='h5' or 'npy'.", params=("format",)
         )
     if is_dir:
         return "npy"
-    raise OutputError(
+    raise UsageError(
         f"cannot tell the output format of {text}; name out like feats.h5 for HDF5, "
         "end it with / for a .npy directory, or pass format='npy'.",
         params=("out", "format"),

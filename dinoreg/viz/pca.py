@@ -110,7 +110,7 @@ class PCA:
         """Read a file written by `save`; InputError when it is missing or not one."""
         path = Path(path)
         if not path.is_file():
-            raise InputError(
+            raise UsageError(
                 f"PCA file {path} does not exist; fit one with fit_pca {path}.", params=("fit_pca",)
             )
         bad = f"{path} is not a PCA file written by dinoreg (fit_pca)"

@@ -52,6 +52,13 @@ class ShowOptions:
     norms_histogram: bool = False  # also a log-count histogram of the patch-token norms
 
     def __post_init__(self) -> None:
+        if isinstance(self.size, int) and self.size % PATCH_SIZE:
+            lower = max(PATCH_SIZE, self.size // PATCH_SIZE * PATCH_SIZE)
+            raise UsageError(
+                f"size must be a multiple of {PATCH_SIZE} (the patch size), like embed's "
+                f"image_size; got {self.size}, try {lower} or {lower + PATCH_SIZE}.",
+                params=("size",),
+            )
         if not isinstance(self.size, int) or self.size < PATCH_SIZE:
             raise UsageError(f"Size must be an integer of at least {PATCH_SIZE}, got {self.size}.")
         if self.max_size is not None and self.max_size < self.size:
@@ -59,6 +66,11 @@ class ShowOptions:
         if self.pca is not None and self.fit_pca is not None:
             raise UsageError(
                 "Give either pca (apply a saved PCA) or fit_pca, not both.",
+                params=("pca", "fit_pca"),
+            )
+        if self.pca is not None and not Path(self.pca).is_file():  # before any model loads
+            raise UsageError(
+                f"PCA file {self.pca} does not exist; fit one with fit_pca {self.pca}.",
                 params=("pca", "fit_pca"),
             )
         if not 0.0 <= self.alpha <= 1.0:
