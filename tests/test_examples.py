@@ -29,3 +29,25 @@ def test_python_api_example_runs(tmp_path, tiny_dir):
 def test_slurm_example_is_valid_bash():
     done = subprocess.run(["bash", "-n", str(REPO / "examples" / "slurm_array.sh")])
     assert done.returncode == 0
+
+
+def test_search_examples_run(tmp_path, tiny_dir):
+    out = tmp_path / "feats.h5"
+    script = REPO / "examples" / "search_dedup.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tiny_dir.path), str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    first = done.stdout.splitlines()[0].split("\t")
+    assert first[:2] == ["row 0", "1"] and float(first[3]) == 1.0
+    import os
+
+    # the `dinoreg` command of the Python running the tests, as a shell user would have it
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    shell = subprocess.run(
+        ["bash", str(REPO / "examples" / "search_session.sh"), str(tiny_dir.path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert shell.returncode == 0, shell.stderr
+    assert "chelsea.jpg" in shell.stdout and '"hits"' in shell.stdout
