@@ -216,51 +216,50 @@ def embed(
     # With --keep-aspect rows are grouped by patch grid (by grid, then input order), not in input
     # order; `paths` names each row's input. With --layers only the listed blocks are stored
     # (under layers/<block>/); the final output equals --layers -1.
-    from dinoreg.embedding.rows import OutputOptions
-    from dinoreg.embedding.run import Interrupted, embed_recipe, run_embed
-    from dinoreg.embedding.shards import Shard
+    from dinoreg.embedding.run import Interrupted
+    from dinoreg.embedding.run import embed as run
     from dinoreg.errors import UsageError
-    from dinoreg.runtime import ComputeOptions
 
-    if overwrite and resume:
-        raise UsageError("--overwrite and --resume contradict each other; pick one.")
-    recipe = embed_recipe(
-        image_size,
-        crop=False if no_crop else None,
-        exact_decode=exact_decode,
-        keep_aspect=keep_aspect,
-        max_size=max_size,
-    )
-    compute = ComputeOptions(
-        device=device,
-        dtype=dtype,
-        decode=decode,
-        batch_size=batch_size,
-        workers=workers,
-        compile=compile,
-    )
-    stored = OutputOptions(
-        tokens=tokens,
-        store_dtype=store_dtype,
-        format=format.value if format else None,
-        mode="overwrite" if overwrite else "resume" if resume else "new",
-        layers=parse_layers(layers),
-        final_norm=not no_final_norm,
-    )
     if "-" in inputs and sys.stdin.isatty():
         output.say("reading image paths from stdin, one per line; end with Ctrl-D")
     if ray is not None:
-        from dinoreg.cli.embed_ray import embed_on_ray
+        from dinoreg.cli.embed_ray import RayFlags, embed_on_ray
 
-        embed_on_ray(inputs, out, model, recipe, compute, stored, ray, shards, merge_to, quiet)
+        flags = RayFlags(
+            image_size, not no_crop, exact_decode, keep_aspect, layers is not None, tokens,
+            store_dtype, device, dtype, batch_size, overwrite, resume,
+        )  # fmt: skip
+        embed_on_ray(inputs, out, model, flags, ray, shards, merge_to, quiet)
         return
     if merge_to is not None:
         raise UsageError("--merge goes with --ray (for --shard runs, use dinoreg merge).")
     bar = output.ProgressBar("embed", enabled=not quiet)
     try:
-        part = Shard.parse(shard) if shard is not None else None
-        summary = run_embed(
-            inputs, out, model, recipe, compute, stored, bar.update, sys.stdin, part
+        summary = run(
+            inputs,
+            out,
+            model,
+            image_size=image_size,
+            crop=False if no_crop else None,
+            exact_decode=exact_decode,
+            keep_aspect=keep_aspect,
+            max_size=max_size,
+            layers=parse_layers(layers),
+            final_norm=not no_final_norm,
+            tokens=tokens,
+            store_dtype=store_dtype,
+            format=format.value if format else None,
+            overwrite=overwrite,
+            resume=resume,
+            device=device,
+            dtype=dtype,
+            decode=decode,
+            batch_size=batch_size,
+            workers=workers,
+            compile=compile,
+            shard=shard,
+            progress=bar.update,
+            stdin=sys.stdin,
         )
     except Interrupted as stop:
         bar.close()

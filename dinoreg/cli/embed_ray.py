@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -12,20 +13,36 @@ from dinoreg.cli.app import EXIT_SKIPPED
 from dinoreg.errors import UsageError
 
 
+@dataclass(frozen=True)
+class RayFlags:
+    """The `dinoreg embed` flags that a Ray run uses."""
+
+    image_size: int
+    crop: bool
+    exact_decode: bool
+    keep_aspect: bool
+    layers: bool
+    tokens: str
+    store_dtype: str
+    device: str
+    dtype: str
+    batch_size: int
+    overwrite: bool
+    resume: bool
+
+
 def embed_on_ray(
     inputs: list[str],
     out: str,
     model: str,
-    recipe,
-    compute,
-    stored,
+    flags: RayFlags,
     address: str,
     shards: int,
     merge_to: str | None,
     quiet: bool,
 ) -> None:
     """Run `embed_with_ray` with the flags of `dinoreg embed`; exit 3 when inputs were skipped."""
-    if recipe.keep_aspect or stored.layers is not None:
+    if flags.keep_aspect or flags.layers:
         raise UsageError("--keep-aspect and --layers do not run on Ray yet; drop --ray or them.")
     try:
         from dinoreg.ray import embed_with_ray
@@ -38,16 +55,16 @@ def embed_on_ray(
         Path(out),
         model,
         shards=shards,
-        resume=stored.mode == "resume",
-        overwrite=stored.mode == "overwrite",
-        image_size=recipe.image_size,
-        crop=recipe.crop,
-        exact_decode=recipe.exact_decode,
-        tokens=stored.tokens,
-        store_dtype=stored.store_dtype,
-        device=compute.device,
-        dtype=compute.dtype,
-        batch_size=compute.batch_size,
+        resume=flags.resume,
+        overwrite=flags.overwrite,
+        image_size=flags.image_size,
+        crop=flags.crop,
+        exact_decode=flags.exact_decode,
+        tokens=tuple(t.strip().lower() for t in flags.tokens.split(",") if t.strip()),
+        store_dtype=flags.store_dtype,
+        device=flags.device,
+        dtype=flags.dtype,
+        batch_size=flags.batch_size,
         address=None if address == "local" else address,
     )
     for path, reason in summary.failures:
