@@ -17,7 +17,8 @@ from dinoreg.inputs.recipe import aspect_size
 from dinoreg.runtime import PreparedModel
 from dinoreg.viz import draw
 from dinoreg.viz.maps import run_maps, to_pixels
-from dinoreg.viz.show import ShowOptions, output_names, show, unique_stems
+from dinoreg.viz.options import ShowOptions
+from dinoreg.viz.show import output_names, show, unique_stems
 
 # One landscape, one portrait (512 x 600); both are small, so a run takes about a second.
 PHOTOS = [str(EXAMPLES / "chelsea.jpg"), str(EXAMPLES / "grace_hopper.jpg")]

@@ -19,7 +19,7 @@ from dinoreg.inputs.recipe import aspect_size
 from dinoreg.runtime import ComputeOptions, prepare_model
 from dinoreg.viz import norms
 from dinoreg.viz.compare import SheetLayout, compare, output_names
-from dinoreg.viz.show import ShowOptions
+from dinoreg.viz.options import ShowOptions
 
 PHOTOS = [str(EXAMPLES / "chelsea.jpg"), str(EXAMPLES / "grace_hopper.jpg")]
 SMALL = ShowOptions(size=112, norms_histogram=True)  # 8 x 12 patches: fast on CPU

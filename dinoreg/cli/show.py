@@ -67,7 +67,7 @@ def show(
     from dinoreg.runtime import ComputeOptions, prepare_model
     from dinoreg.viz.compare import check_models
     from dinoreg.viz.compare import compare as run_compare
-    from dinoreg.viz.show import ShowOptions
+    from dinoreg.viz.options import ShowOptions
     from dinoreg.viz.show import show as draw
 
     options = ShowOptions(

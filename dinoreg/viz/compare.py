@@ -41,8 +41,9 @@ from dinoreg.viz.norms import (
     norm_stats,
     patch_norms,
 )
+from dinoreg.viz.options import ShowOptions
 from dinoreg.viz.pca import fit_patches
-from dinoreg.viz.show import Progress, ShowOptions, unique_stems
+from dinoreg.viz.show import Progress, unique_stems
 
 Loader = Callable[[str, ComputeOptions], PreparedModel]
 

@@ -21,68 +21,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dinoreg.errors import InputError, OutputError, UsageError
+from dinoreg.errors import InputError, OutputError
 from dinoreg.inputs.decode import ImageDecodeError
-from dinoreg.inputs.recipe import PATCH_SIZE
 from dinoreg.runtime import PreparedModel
 from dinoreg.viz import draw
 from dinoreg.viz.maps import Maps, load_resized, model_identity, run_maps, to_pixels
 from dinoreg.viz.norms import HistogramSeries, histogram_picture, norm_stats, patch_norms
+from dinoreg.viz.options import ShowOptions
 from dinoreg.viz.pca import PCA, PCAAccumulator, fit_patches
 
 Progress = Callable[[str, int, int], None]  # (stage "fit" or "render", done, total)
-
-
-@dataclass(frozen=True)
-class ShowOptions:
-    """What `show` draws and how; the defaults suit the small model on photos."""
-
-    size: int = 448  # short side, rounded to a multiple of the patch size
-    max_size: int | None = None  # long-side cap; None means 2 * size
-    mask: bool = False  # black out PCA background (first component below its threshold)
-    pca: str | Path | None = None  # apply this saved PCA (colours comparable across images)
-    fit_pca: str | Path | None = None  # fit one PCA over all inputs, save it here, use it
-    heads: bool = True  # write one attention picture per head (the sheet shows them anyway)
-    upsample: draw.Upsample = "nearest"  # patch squares; "bilinear" is smoother
-    alpha: float = 0.6  # opacity of heat maps over the image
-    attention_cmap: str = "inferno"
-    norm_cmap: str = "viridis"
-    overwrite: bool = False
-    resume: bool = False  # skip images whose pictures are all there (a rerun continues)
-    norms_histogram: bool = False  # also a log-count histogram of the patch-token norms
-
-    def __post_init__(self) -> None:
-        if isinstance(self.size, int) and self.size % PATCH_SIZE:
-            lower = max(PATCH_SIZE, self.size // PATCH_SIZE * PATCH_SIZE)
-            raise UsageError(
-                f"size must be a multiple of {PATCH_SIZE} (the patch size), like embed's "
-                f"image_size; got {self.size}, try {lower} or {lower + PATCH_SIZE}.",
-                params=("size",),
-            )
-        if not isinstance(self.size, int) or self.size < PATCH_SIZE:
-            raise UsageError(f"Size must be an integer of at least {PATCH_SIZE}, got {self.size}.")
-        if self.max_size is not None and self.max_size < self.size:
-            raise UsageError(f"Max size ({self.max_size}) must be at least size ({self.size}).")
-        if self.pca is not None and self.fit_pca is not None:
-            raise UsageError(
-                "Give either pca (apply a saved PCA) or fit_pca, not both.",
-                params=("pca", "fit_pca"),
-            )
-        if self.pca is not None and not Path(self.pca).is_file():  # before any model loads
-            raise UsageError(
-                f"PCA file {self.pca} does not exist; fit one with fit_pca {self.pca}.",
-                params=("pca", "fit_pca"),
-            )
-        if not 0.0 <= self.alpha <= 1.0:
-            raise UsageError(f"Alpha must be between 0 and 1, got {self.alpha}.")
-        if self.upsample not in ("nearest", "bilinear"):
-            raise UsageError(f"Unknown upsampling {self.upsample!r}; use nearest or bilinear.")
-        draw.colormap(self.attention_cmap)  # raises UsageError naming the choices
-        draw.colormap(self.norm_cmap)
-
-    @property
-    def long_side(self) -> int:
-        return self.max_size if self.max_size is not None else 2 * self.size
 
 
 @dataclass(frozen=True)
@@ -143,13 +91,14 @@ def output_names(stem: str, heads: int, with_heads: bool = True, hist: bool = Fa
 def fit_pca(
     prepared: PreparedModel,
     paths: Sequence[str],
-    options: ShowOptions = ShowOptions(),
+    options: ShowOptions | None = None,
     progress: Progress | None = None,
 ) -> tuple[PCA, list[tuple[str, str]]]:
     """One PCA over the final-norm patches of all readable inputs, streamed (flat memory).
 
     Returns it with the (path, reason) of inputs that could not be read.
     """
+    options = options or ShowOptions()
     model = prepared.model
     name, sha = model_identity(model)
     acc = PCAAccumulator(model.cfg.dim)
@@ -172,7 +121,7 @@ def show(
     prepared: PreparedModel,
     paths: Sequence[str],
     out_dir: str | Path,
-    options: ShowOptions = ShowOptions(),
+    options: ShowOptions | None = None,
     progress: Progress | None = None,
     on_image: Callable[[ImageReport | tuple[str, str]], None] | None = None,
 ) -> ShowResult:
@@ -183,6 +132,7 @@ def show(
     any work if a file would be overwritten without `overwrite`; with `resume` images whose
     pictures are all there are skipped instead.
     """
+    options = options or ShowOptions()
     model = prepared.model
     out = Path(out_dir)
     heads, regs, hist = model.cfg.heads, model.cfg.num_registers, options.norms_histogram
