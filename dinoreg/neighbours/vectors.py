@@ -10,7 +10,6 @@ float16 stores are converted to float32 one block at a time.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from itertools import islice
@@ -20,11 +19,9 @@ from typing import Any, Literal
 import h5py
 import numpy as np
 
-from dinoreg._fs import read_json
 from dinoreg.errors import InputError, OutputError, UsageError
-from dinoreg.neighbours.npymap import MappedNpy
+from dinoreg.neighbours.files import open_h5, open_npy, pick
 from dinoreg.output import layout
-from dinoreg.output.hdf5 import decode_attrs
 
 __all__ = ["TOKEN_CHOICES", "Tokens", "Vectors", "open_vectors"]
 
@@ -32,7 +29,6 @@ Tokens = Literal["cls", "patches-mean"]
 TOKEN_CHOICES: tuple[str, ...] = ("cls", "patches-mean")
 # Stored bytes per block: large enough for fast matmuls, small enough to keep memory flat.
 BLOCK_BYTES = 32 << 20
-_LAYER_RE = re.compile(r"layers/(-?\d+)/\w+")
 
 
 class Vectors:
@@ -189,9 +185,9 @@ def open_vectors(
     stack = ExitStack()
     try:
         if path.is_dir():
-            fmt, arrays, meta, files = "npy", *_open_npy(path, stack)
+            fmt, arrays, meta, files = "npy", *open_npy(path, stack)
         elif path.exists():
-            fmt, arrays, meta, files = "h5", *_open_h5(path, stack)
+            fmt, arrays, meta, files = "h5", *open_h5(path, stack)
         elif path.with_name(path.name + ".partial").is_dir():
             raise OutputError(
                 f"feats: {path} is not finished (its staging directory {path.name}.partial "
@@ -199,7 +195,7 @@ def open_vectors(
             )
         else:
             raise OutputError(f"feats: {path} does not exist.", params=("feats",))
-        rows, prefix, block, picked = _pick(path, arrays, meta, tokens, layer)
+        rows, prefix, block, picked = pick(path, arrays, meta, tokens, layer)
         if fmt == "npy":
             files = [*files, *(path / layout.dataset_file(n) for n in picked.values())]
         chosen = {role: arrays[name] for role, name in picked.items()}
@@ -209,117 +205,3 @@ def open_vectors(
     except BaseException:
         stack.close()
         raise
-
-
-def _open_npy(path: Path, stack: ExitStack) -> tuple[dict[str, Any], dict[str, Any], list[Path]]:
-    if (path / layout.JOURNAL).exists():
-        raise OutputError(
-            f"feats: {path} is an unfinished embed output (a run is writing it or was killed); "
-            "finish or resume that run first."
-        )
-    if not (path / layout.META).is_file():
-        raise OutputError(
-            f"feats: {path} is a directory but not a dinoreg embed output.", params=("feats",)
-        )
-    meta = read_json(path / layout.META)
-    if meta.get("complete") is not True:
-        raise OutputError(
-            f"feats: {path} is not complete; finish or resume its embed run first.",
-            params=("feats",),
-        )
-    arrays: dict[str, Any] = {}
-    for file in sorted(os.listdir(path)):
-        if file.endswith(".npy"):
-            try:
-                arrays[layout.dataset_name(file)] = MappedNpy(path / file, stack)
-            except (OSError, ValueError):
-                raise OutputError(
-                    f"feats: {path / file} is not a readable .npy file.", params=("feats",)
-                ) from None
-    if not (path / layout.PATHS).is_file():
-        raise OutputError(
-            f"feats: {path} has no {layout.PATHS}; it is not a complete output.", params=("feats",)
-        )
-    return arrays, meta, [path / layout.META]
-
-
-def _open_h5(path: Path, stack: ExitStack) -> tuple[dict[str, Any], dict[str, Any], list[Path]]:
-    try:
-        f = stack.enter_context(h5py.File(path, "r"))
-    except OSError:
-        raise OutputError(
-            f"feats: {path} is not an HDF5 file or an embed output.", params=("feats",)
-        ) from None
-    if not isinstance(f.get("paths"), h5py.Dataset):
-        raise OutputError(
-            f"feats: {path} is an HDF5 file but not a dinoreg embed output.", params=("feats",)
-        )
-    meta = decode_attrs(f.attrs)
-    if meta.get("complete") is not True:
-        raise OutputError(
-            f"feats: {path} is not complete; finish or resume its embed run first.",
-            params=("feats",),
-        )
-    arrays: dict[str, Any] = {"__file__": f, "paths": f["paths"]}
-
-    def visit(name: str, obj: Any) -> None:
-        if isinstance(obj, h5py.Dataset) and name != "paths" and not name.startswith("failed/"):
-            arrays[name] = obj
-
-    f.visititems(visit)
-    return arrays, meta, [path]
-
-
-def _pick(
-    path: Path, arrays: dict[str, Any], meta: dict[str, Any], tokens: str, layer: int | None
-) -> tuple[int, str, int | None, dict[str, str]]:
-    """(rows, dataset prefix, absolute layer, {role: dataset name}) for the requested vectors."""
-    stored = sorted({int(m.group(1)) for n in arrays if (m := _LAYER_RE.fullmatch(n))})
-    if layer is None:
-        has_root = any(t in arrays for t in ("cls", "registers", "patches"))
-        block = None if has_root or not stored else stored[-1]
-    else:
-        if not stored:
-            raise UsageError(
-                f"layer: {path} stores no intermediate layers; leave layer unset.",
-                params=("layer",),
-            )
-        depth = meta.get("depth")
-        block = int(layer) + depth if layer < 0 and isinstance(depth, int) else int(layer)
-        if block not in stored:
-            have = ", ".join(map(str, stored))
-            raise UsageError(
-                f"layer: {path} stores layers {have}, not {layer}; pick one of them.",
-                params=("layer",),
-            )
-    prefix = "" if block is None else f"layers/{block}/"
-    where = f"{path}" + (f" layer {block}" if block is not None else "")
-    if tokens == "cls":
-        name = prefix + "cls"
-        if name not in arrays:
-            raise OutputError(
-                f"feats: {where} stores no CLS tokens; use tokens='patches-mean' if it has "
-                "patches, or embed with the cls token."
-            )
-        picked = {"data": name}
-    else:
-        name = prefix + "patches"
-        if name not in arrays:
-            raise OutputError(
-                f"feats: {where} stores no patch tokens for tokens='patches-mean'.",
-                params=("feats",),
-            )
-        picked = {"data": name}
-        if name + "_offsets" in arrays:
-            picked["offsets"] = name + "_offsets"
-    if "paths" in arrays:
-        rows = len(arrays["paths"])
-    else:
-        rows = sum(1 for _ in layout.iter_lines(path / layout.PATHS))
-    data = arrays[picked["data"]]
-    have = len(arrays[picked["offsets"]]) - 1 if "offsets" in picked else data.shape[0]
-    if have != rows or data.ndim < 2:
-        raise OutputError(
-            f"feats: {path}: {name} has {have} rows but there are {rows} paths.", params=("feats",)
-        )
-    return rows, prefix, block, picked
