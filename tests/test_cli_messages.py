@@ -218,3 +218,17 @@ def test_a_head_that_replaces_a_classifier_is_said(capsys, monkeypatch, tmp_path
         "--head", head, "-j", "0", "-k", "1",
     )  # fmt: skip
     assert code == 0 and f"{head} replaces the classifier that" in err
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+def test_models_on_a_terminal_keep_every_alias_and_repo_whole(capsys, monkeypatch, columns):
+    monkeypatch.setenv("COLUMNS", str(columns))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    code, out, _ = run_cli(capsys, monkeypatch, "models")
+    assert code == 0
+    for alias, repo in [
+        ("small-imagenet1k", "facebook/dinov2-with-registers-small-imagenet1k-1-layer"),
+        ("dinov2-giant-imagenet1k", "facebook/dinov2-giant-imagenet1k-1-layer"),
+    ]:
+        assert alias in out and repo in out  # never cut, on narrow and wide terminals
+    assert "…" not in out
