@@ -269,7 +269,10 @@ def embed_paths(
                 _loop(run, todo, index)
         except KeyboardInterrupt:
             interrupted = True
-        writer.close(complete=not interrupted)
+        try:
+            writer.close(complete=not interrupted)
+        except KeyboardInterrupt:  # during the final conversion: the staged rows stay
+            interrupted = True
         summary.rows_at = writer.rows_at
         summary.nonfinite_values = writer.nonfinite_values
     summary.seconds = time.perf_counter() - start

@@ -11,9 +11,12 @@ it slows reads and writes alike.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -66,17 +69,49 @@ def decode_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
     return meta
 
 
+@contextlib.contextmanager
+def interrupts_between_blocks() -> Iterator[Callable[[], None]]:
+    """Ctrl-C and SIGTERM take effect when the returned check is called, between blocks.
+
+    h5py runs Python code in weakref callbacks, where a KeyboardInterrupt is printed and
+    swallowed: a conversion interrupted there went on and finished as if nothing had happened.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None  # signals only reach the main thread
+        return
+    seen: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        seen.append(signum)
+
+    def check() -> None:
+        if seen:
+            raise KeyboardInterrupt
+
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, hold) for s in stops}
+    try:
+        yield check
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def convert_to_h5(store: StagingStore, dest: Path, meta: Mapping[str, Any]) -> None:
-    """Write `dest` from the committed contents of `store`: via `<dest>.tmp`, fsync, rename."""
+    """Write `dest` from the committed contents of `store`: via `<dest>.tmp`, fsync, rename.
+
+    Interrupted (Ctrl-C, SIGTERM) between blocks, it removes the temporary file and raises
+    KeyboardInterrupt; the staged rows are untouched, so a resumed run converts again.
+    """
     tmp = dest.with_name(dest.name + ".tmp")
     j = store.journal
     try:
-        with h5py.File(tmp, "w", track_order=True) as f:
+        with interrupts_between_blocks() as check, h5py.File(tmp, "w", track_order=True) as f:
             for spec in j.datasets:
                 count = j.items[spec.name] if spec.ragged else j.rows
-                _copy(store, f, spec.name, STORE_DTYPES[spec.dtype], spec.row_shape, count)
+                _copy(store, f, spec.name, STORE_DTYPES[spec.dtype], spec.row_shape, count, check)
                 if spec.ragged:
-                    _copy(store, f, spec.offsets_name, OFFSETS_DTYPE, (), j.rows + 1)
+                    _copy(store, f, spec.offsets_name, OFFSETS_DTYPE, (), j.rows + 1, check)
                 crash_point("h5")
             paths = layout.iter_paths(store.directory, j.lengths[layout.PATHS])
             _write_strings(f.create_dataset("paths", (j.rows,), dtype=_STR), paths)
@@ -90,6 +125,7 @@ def convert_to_h5(store: StagingStore, dest: Path, meta: Mapping[str, Any]) -> N
                 reasons[start : start + len(block)] = _encode([r for _, r in block])
                 start += len(block)
             encode_attrs(f.attrs, meta)
+            check()
         fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
@@ -123,6 +159,7 @@ def _copy(
     descr: str,
     row_shape: tuple[int, ...],
     count: int,
+    check: Callable[[], None] = lambda: None,
 ) -> None:
     dtype = np.dtype(descr)
     row_bytes = dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
@@ -133,4 +170,5 @@ def _copy(
     block = max(rows, BLOCK_BYTES // max(row_bytes, 1) // rows * rows)
     for start in range(0, count, block):
         stop = min(count, start + block)
+        check()
         dset[start:stop] = store.read(name, start, stop)
