@@ -10,6 +10,7 @@ import ctypes
 import functools
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -128,6 +129,18 @@ def _close_fds(fds: tuple[int, ...], worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by _start_workers
+    sys.excepthook = _quiet_when_the_reader_left
+
+
+def _quiet_when_the_reader_left(kind: type[BaseException], value, traceback) -> None:
+    """A worker hands batches over by passing file descriptors from a helper thread
+    (multiprocessing's resource sharer, which reports through `sys.excepthook`). When the main
+    process stops mid-hand-over (Ctrl-C, SIGTERM), that thread sees its connection drop: the stop
+    we asked for, not an error to print in the middle of the one-line summary. Anything else is
+    reported as usual."""
+    if issubclass(kind, (ConnectionError, EOFError)):
+        return
+    sys.__excepthook__(kind, value, traceback)
 
 
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}

@@ -69,3 +69,13 @@ def test_ctrl_c_in_classify_says_so(many, tmp_path):
         cmd, lambda: first.exists() and first.stat().st_size, signal.SIGINT, tmp_path
     )
     assert code == 130 and "interrupted" in err and "Traceback" not in err, err
+
+
+def test_workers_keep_quiet_only_about_a_reader_that_left(capsys):
+    from dinoreg.batches import _quiet_when_the_reader_left
+
+    for error in (ConnectionResetError(104, "reset"), EOFError()):
+        _quiet_when_the_reader_left(type(error), error, None)
+    assert capsys.readouterr().err == ""
+    _quiet_when_the_reader_left(ValueError, ValueError("a real bug"), None)
+    assert "a real bug" in capsys.readouterr().err
