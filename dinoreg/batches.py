@@ -5,12 +5,9 @@ Shared by `embed` and `classify`. The library never prints: progress goes to a c
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import os
-import signal
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +21,7 @@ from dinoreg.inputs.gpu_decode import TensorDecoder, choose_decoder, finish_enco
 from dinoreg.inputs.normalise import normalise_batch
 from dinoreg.inputs.recipe import Recipe
 from dinoreg.runtime import ComputeOptions
+from dinoreg.workers import init_worker, start_workers
 
 
 def default_workers(device: torch.device) -> int:
@@ -63,7 +61,7 @@ def make_loader(
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
-        worker_init_fn=functools.partial(_close_fds, tuple(close_in_workers)),
+        worker_init_fn=functools.partial(init_worker, tuple(close_in_workers)),
         batch_sampler=sampler,
     )
 
@@ -117,49 +115,6 @@ class PieceSampler:
 
     def __len__(self) -> int:
         return sum(-(-len(b) // self.chunk) for b in self.batches())
-
-
-def _close_fds(fds: tuple[int, ...], worker_id: int) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    # Ctrl-C and SIGTERM reach the whole process group; the main process turns them into an
-    # orderly stop that shuts the workers down itself. A worker dying of the signal first would
-    # make the DataLoader raise "worker killed by signal" from a destructor instead.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by _start_workers
-    sys.excepthook = _quiet_when_the_reader_left
-
-
-def _quiet_when_the_reader_left(kind: type[BaseException], value, traceback) -> None:
-    """A worker hands batches over by passing file descriptors from a helper thread
-    (multiprocessing's resource sharer, which reports through `sys.excepthook`). When the main
-    process stops mid-hand-over (Ctrl-C, SIGTERM), that thread sees its connection drop: the stop
-    we asked for, not an error to print in the middle of the one-line summary. Anything else is
-    reported as usual."""
-    if issubclass(kind, (ConnectionError, EOFError)):
-        return
-    sys.__excepthook__(kind, value, traceback)
-
-
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def _start_workers(loader: torch.utils.data.DataLoader) -> Iterator:
-    """The loader's iterator, its workers forked with Ctrl-C and SIGTERM held back.
-
-    A signal landing between a fork and `_close_fds` would run the parent's handler in the new
-    worker (a KeyboardInterrupt inside the fork's own bookkeeping) and leave it half-started;
-    held back, it reaches the worker only once ignored there, and the main process right after.
-    """
-    if loader.num_workers == 0:
-        return iter(loader)
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @dataclass
@@ -229,7 +184,7 @@ def run_batches(
     pending: list[tuple[Batch, torch.Tensor | None]] = []  # pieces of the next batch
     target, count = next(lengths, 0), 0
     tick = time.perf_counter()
-    for piece in _start_workers(loader):
+    for piece in start_workers(loader):
         piece: Batch
         times.wait_input += time.perf_counter() - tick
         # start the copy to the device now; it overlaps with waiting for the next piece

@@ -72,7 +72,7 @@ def test_ctrl_c_in_classify_says_so(many, tmp_path):
 
 
 def test_workers_keep_quiet_only_about_a_reader_that_left(capsys):
-    from dinoreg.batches import _quiet_when_the_reader_left
+    from dinoreg.workers import _quiet_when_the_reader_left
 
     for error in (ConnectionResetError(104, "reset"), EOFError()):
         _quiet_when_the_reader_left(type(error), error, None)
