@@ -16,7 +16,8 @@ from PIL import Image, ImageOps
 from test_cli_embed import run_cli
 
 import dinoreg
-from dinoreg.embedding.run import Interrupted, embed_recipe
+from dinoreg.embedding.results import Interrupted
+from dinoreg.embedding.run import embed_recipe
 from dinoreg.errors import OutputError, UsageError
 from dinoreg.inputs.buckets import header_size, plan, plan_sizes, read_sizes
 from dinoreg.inputs.decode import load_image

@@ -17,7 +17,7 @@ from conftest import EXAMPLES
 
 import dinoreg
 from dinoreg.cli import main
-from dinoreg.embedding.run import Interrupted
+from dinoreg.embedding.results import Interrupted
 from dinoreg.errors import UsageError
 from dinoreg.inputs import tars
 from dinoreg.inputs.braces import expand_braces

@@ -11,7 +11,7 @@ import pytest
 from conftest import EXAMPLES, make_hf
 
 import dinoreg
-from dinoreg.embedding.run import Interrupted
+from dinoreg.embedding.results import Interrupted
 from dinoreg.errors import OutputError
 
 KW = {"batch_size": 2, "workers": 0}

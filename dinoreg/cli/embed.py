@@ -216,7 +216,7 @@ def embed(
     # With --keep-aspect rows are grouped by patch grid (by grid, then input order), not in input
     # order; `paths` names each row's input. With --layers only the listed blocks are stored
     # (under layers/<block>/); the final output equals --layers -1.
-    from dinoreg.embedding.run import Interrupted
+    from dinoreg.embedding.results import Interrupted
     from dinoreg.embedding.run import embed as run
     from dinoreg.errors import UsageError
 

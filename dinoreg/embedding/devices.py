@@ -66,7 +66,7 @@ def run_on_devices(
     progress: Callable | None = None,
 ) -> Any:
     """Embed `paths` into `out` with one process per device; returns the combined RunSummary."""
-    from dinoreg.embedding.run import Interrupted, Progress, RunSummary
+    from dinoreg.embedding.results import Interrupted, Progress, RunSummary
 
     start = time.perf_counter()
     work = work_dir(out)
@@ -181,7 +181,8 @@ def _device_main(
     """One device's process: its shard through the ordinary run, reported on `messages`."""
     import torch
 
-    from dinoreg.embedding.run import Interrupted, embed_paths
+    from dinoreg.embedding.results import Interrupted
+    from dinoreg.embedding.run import embed_paths
 
     def stop(signum, frame) -> None:
         raise KeyboardInterrupt  # SIGTERM commits like Ctrl-C
