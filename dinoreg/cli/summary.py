@@ -41,7 +41,7 @@ def summary_doc(s) -> dict:
         "skipped_before": s.failures_before,
         "resumed": s.resumed,
         "inputs": s.inputs,
-        "seconds": round(s.seconds, 3),
+        "seconds": round(s.seconds, 6),
         "images_per_s": round(s.images_per_s, 3),
         "bytes": s.bytes,
         "rows_at": str(s.rows_at) if s.rows_at else None,
