@@ -3,7 +3,6 @@ names turned into flags, dtype spellings, closed pipes, the model table, signal 
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import signal
@@ -13,18 +12,10 @@ import sys
 import h5py
 import pytest
 from conftest import EXAMPLES, make_hf
+from test_cli_embed import run_cli
 
 import dinoreg
-from dinoreg.cli.app import main
 from dinoreg.cli.flags import as_flags
-
-
-def run_cli(capsys, monkeypatch, *args: str, stdin: str = "") -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    with pytest.raises(SystemExit) as done:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return done.value.code, out, err
 
 
 def test_a_path_that_looks_like_markup_is_reported_as_itself(

@@ -44,6 +44,8 @@ def embed_on_ray(
     """Run `embed_with_ray` with the flags of `dinoreg embed`; exit 3 when inputs were skipped."""
     if flags.keep_aspect or flags.layers:
         raise UsageError("--keep-aspect and --layers do not run on Ray yet; drop --ray or them.")
+    from dinoreg.embedding.rows import OutputOptions
+
     try:
         from dinoreg.ray import embed_with_ray
     except ImportError:  # dinoreg.ray imports ray only when asked; this is its own import
@@ -60,7 +62,7 @@ def embed_on_ray(
         image_size=flags.image_size,
         crop=flags.crop,
         exact_decode=flags.exact_decode,
-        tokens=tuple(t.strip().lower() for t in flags.tokens.split(",") if t.strip()),
+        tokens=OutputOptions(tokens=flags.tokens, store_dtype=flags.store_dtype).tokens,
         store_dtype=flags.store_dtype,
         device=flags.device,
         dtype=flags.dtype,

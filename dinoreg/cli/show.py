@@ -114,10 +114,7 @@ def show(
             )
         if json_out:
             doc = {
-                "path": report.path,
-                "files": [str(f) for f in report.files],
-                "size": {"width": report.size[0], "height": report.size[1]},
-                "grid": {"rows": report.grid[0], "columns": report.grid[1]},
+                **_image_doc(report),
                 "register_attention": round(report.register_attention, 6),
                 "max_norm": round(report.max_norm, 4),
                 "median_norm": round(report.median_norm, 4),
@@ -149,10 +146,7 @@ def _print_compare(result, json_out: bool, quiet: bool, out: Path) -> None:
     for report in result.images:
         if json_out:
             doc = {
-                "path": report.path,
-                "files": [str(f) for f in report.files],
-                "size": {"width": report.size[0], "height": report.size[1]},
-                "grid": {"rows": report.grid[0], "columns": report.grid[1]},
+                **_image_doc(report),
                 "models": [
                     {
                         "model": row.model,
@@ -187,3 +181,13 @@ def _print_compare(result, json_out: bool, quiet: bool, out: Path) -> None:
         output.say(f"wrote {len(result.files)} pictures to {out}")
     if result.failed:
         raise typer.Exit(EXIT_SKIPPED)
+
+
+def _image_doc(report) -> dict:
+    """The JSON fields every per-image line of `show` starts with."""
+    return {
+        "path": report.path,
+        "files": [str(f) for f in report.files],
+        "size": {"width": report.size[0], "height": report.size[1]},
+        "grid": {"rows": report.grid[0], "columns": report.grid[1]},
+    }

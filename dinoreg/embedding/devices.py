@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dinoreg.embedding.results import Interrupted, Progress, RunSummary
 from dinoreg.embedding.shards import Shard, shard_path
 from dinoreg.errors import DinoregError, OutputError
 from dinoreg.inputs.recipe import Recipe
@@ -66,8 +67,6 @@ def run_on_devices(
     progress: Callable | None = None,
 ) -> Any:
     """Embed `paths` into `out` with one process per device; returns the combined RunSummary."""
-    from dinoreg.embedding.results import Interrupted, Progress, RunSummary
-
     start = time.perf_counter()
     work = work_dir(out)
     if output.mode == "resume" and locate(out, fmt).state == "complete" and not work.exists():
@@ -97,7 +96,7 @@ def run_on_devices(
     ]
     for p in procs:
         p.start()
-    results, interrupted, error = _collect(procs, messages, len(paths), progress, Progress)
+    results, interrupted, error = _collect(procs, messages, len(paths), progress)
     summary = RunSummary(out=out, inputs=len(paths), resumed=0, rows=0)
     for r in results.values():
         summary.rows += r["rows"]
@@ -121,9 +120,7 @@ def run_on_devices(
     return summary
 
 
-def _collect(
-    procs, messages, total: int, progress, Progress
-) -> tuple[dict, bool, Exception | None]:
+def _collect(procs, messages, total: int, progress) -> tuple[dict, bool, Exception | None]:
     """Wait for every process, relaying one combined progress; (results, interrupted, error)."""
     done_by: dict[int, int] = {}
     rows_by: dict[int, int] = {}
@@ -181,8 +178,7 @@ def _device_main(
     """One device's process: its shard through the ordinary run, reported on `messages`."""
     import torch
 
-    from dinoreg.embedding.results import Interrupted
-    from dinoreg.embedding.run import embed_paths
+    from dinoreg.embedding.run import embed_paths  # run imports this module
 
     def stop(signum, frame) -> None:
         raise KeyboardInterrupt  # SIGTERM commits like Ctrl-C
