@@ -27,6 +27,7 @@ import torch
 from dinoreg import __version__
 from dinoreg.errors import UsageError
 from dinoreg.inputs.recipe import Recipe
+from dinoreg.model.vit import RegistersViT
 from dinoreg.output.layout import DatasetSpec
 from dinoreg.runtime import PreparedModel
 
@@ -87,16 +88,19 @@ class OutputOptions:
             )
 
 
-def resolve_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
-    """Absolute block indices, ascending and unique; UsageError names the model's depth."""
-    for layer in layers:
-        if not -depth <= layer < depth:
-            raise UsageError(
-                f"layers {layer} is out of range for this model, which has {depth} blocks "
-                f"(use 0..{depth - 1} or -{depth}..-1).",
-                params=("layers",),
-            )
-    return tuple(sorted({layer % depth for layer in layers}))
+def resolve_layers(layers: Sequence[int], model: RegistersViT) -> tuple[int, ...]:
+    """Absolute block indices (`model.block_index`), ascending and unique; UsageError names the
+    model's depth."""
+    depth = model.cfg.depth
+    try:
+        return tuple(sorted({model.block_index(layer) for layer in layers}))
+    except IndexError:
+        bad = next(layer for layer in layers if not -depth <= layer < depth)
+        raise UsageError(
+            f"layers {bad} is out of range for this model, which has {depth} blocks "
+            f"(use 0..{depth - 1} or -{depth}..-1).",
+            params=("layers",),
+        ) from None
 
 
 def stored_tokens(output: OutputOptions, registers: int) -> tuple[str, ...]:

@@ -189,7 +189,7 @@ def embed_paths(
     prepared = prepare_model(model_name, compute)
     model = prepared.model
     if output.layers is not None:
-        output = dataclasses.replace(output, layers=resolve_layers(output.layers, model.cfg.depth))
+        output = dataclasses.replace(output, layers=resolve_layers(output.layers, model))
     datasets = dataset_specs(model.cfg.dim, model.cfg.num_registers, recipe.grid, output)
     meta = provenance(prepared, recipe, output)
     index = None
