@@ -605,7 +605,8 @@ def _profile_image(path: str, recipe: Any) -> dict[str, Callable[[], object]]:
     from PIL import Image, ImageOps
 
     from dinoreg.inputs.decode import _draft
-    from dinoreg.inputs.recipe import _normalise_table, resize, resized_size, to_rgb
+    from dinoreg.inputs.normalise import normalise_table
+    from dinoreg.inputs.recipe import REDUCED_SCALE, resize, resized_size, to_rgb
 
     def opened() -> Image.Image:
         return Image.open(path)
@@ -617,12 +618,14 @@ def _profile_image(path: str, recipe: Any) -> dict[str, Callable[[], object]]:
 
     loaded = drafted()
     loaded.load()
+    reduced = loaded.copy()
+    reduced.info[REDUCED_SCALE] = 2  # what load_image marks: recipe.resize takes torch's kernel
     w, h = resized_size(*loaded.size, recipe)
     big = loaded.resize((w, h), Image.Resampling.BICUBIC)
     left, top = (w - 224) // 2, (h - 224) // 2
     crop = big.crop((left, top, left + 224, top + 224))
     arr = np.asarray(crop)
-    table = _normalise_table(recipe.mean, recipe.std)
+    table = normalise_table(recipe.mean, recipe.std)
     out = np.empty((3, 224, 224), np.float32)
 
     def lut() -> None:
@@ -635,18 +638,27 @@ def _profile_image(path: str, recipe: Any) -> dict[str, Callable[[], object]]:
         "decode at draft scale": lambda: drafted().load(),
         "exif_transpose": lambda: ImageOps.exif_transpose(loaded, in_place=True),
         "to_rgb": lambda: to_rgb(loaded),
-        "resize (bicubic to 256 short side)": lambda: loaded.resize(
+        "resize (Pillow bicubic to 256 short side)": lambda: loaded.resize(
             (w, h), Image.Resampling.BICUBIC
         ),
+        "resize + crop (torch uint8 kernel, reduced-size decodes)": lambda: resize(reduced, recipe),
         "crop 224": lambda: big.crop((left, top, left + 224, top + 224)).load(),
         "np.asarray (PIL -> numpy copy)": lambda: np.asarray(crop),
         "normalise lookup (3 np.take)": lut,
         "torch.from_numpy": lambda: torch.from_numpy(out),
-        "recipe.resize (whole, for reference)": lambda: resize(loaded, recipe),
     }
 
 
-DEFAULT_ROUTE = "library default (draft >= 2x256, resize, crop)"
+DEFAULT_ROUTE = "library default (draft >= 2x256, torch resize + crop)"
+
+
+def pillow_resize(image: Any, recipe: Any) -> Any:
+    """The library's resize with the torch kernel turned off: Pillow resize, then crop."""
+    from dinoreg.inputs.recipe import REDUCED_SCALE, resize
+
+    plain = image.copy()
+    plain.info.pop(REDUCED_SCALE, None)
+    return resize(plain, recipe)
 
 
 def one_pass(image: Any, recipe: Any, reducing_gap: float | None = None) -> Any:
@@ -699,6 +711,9 @@ def run_profile(large: photos.PhotoSet, opts: PipelineOptions, report: Report) -
 
     variants: dict[str, Callable[[str], Image.Image]] = {
         DEFAULT_ROUTE: lambda f: resize(load_image(f, recipe), recipe),
+        "default draft, Pillow resize + crop (before)": lambda f: pillow_resize(
+            load_image(f, recipe), recipe
+        ),
         "exact decode (full size, resize, crop)": lambda f: resize(load_image(f, exact), exact),
         "draft >= 256 (one DCT scale further)": lambda f: resize(draft_to(f, 256), recipe),
         "default draft, reducing_gap=2.0": lambda f: _resize_gap(

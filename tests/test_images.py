@@ -15,7 +15,7 @@ from PIL import Image
 from dinoreg.errors import InputError
 from dinoreg.inputs.dataset import Batch, ImageDataset, Sample, collate
 from dinoreg.inputs.decode import ImageDecodeError, load_image
-from dinoreg.inputs.recipe import Recipe
+from dinoreg.inputs.recipe import REDUCED_SCALE, Recipe, preprocess, resize
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "images"
 
@@ -110,16 +110,64 @@ def test_reduced_size_decode_keeps_twice_the_resize_target(
 
 
 def test_reduced_size_decode_stays_close_to_exact(tmp_path: Path) -> None:
-    with Image.open(EXAMPLES / "astronaut.jpg") as photo:
-        big = photo.resize((1536, 1536), Image.Resampling.BICUBIC)
-    path = tmp_path / "astronaut-big.jpg"
-    path.write_bytes(jpeg_bytes(big, quality=95))
-    from dinoreg.inputs.recipe import preprocess
-
+    path = big_astronaut(tmp_path, (1536, 1536))
     draft = preprocess(load_image(str(path), Recipe()), Recipe())
     exact = preprocess(load_image(str(path), Recipe(exact_decode=True)), Recipe())
     diff = (draft - exact).abs()
     assert 0 < diff.mean().item() < 0.05
+
+
+def big_astronaut(tmp_path: Path, size: tuple[int, int] = (1536, 1152)) -> Path:
+    with Image.open(EXAMPLES / "astronaut.jpg") as photo:
+        big = photo.resize(size, Image.Resampling.BICUBIC)
+    path = tmp_path / "astronaut-big.jpg"
+    path.write_bytes(jpeg_bytes(big, quality=95))
+    return path
+
+
+def pillow_only(image: Image.Image) -> Image.Image:
+    """The same decoded pixels without the reduced-size mark, so `resize` takes Pillow."""
+    plain = image.copy()
+    plain.info.pop(REDUCED_SCALE, None)
+    return plain
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [Recipe(), Recipe.for_size(112), Recipe(crop=False), Recipe(interpolation="bilinear")],
+    ids=["default", "112", "no-crop", "bilinear"],
+)
+def test_a_reduced_size_decode_resizes_within_one_level_of_pillow(
+    tmp_path: Path, recipe: Recipe
+) -> None:
+    image = load_image(str(big_astronaut(tmp_path)), recipe)
+    assert image.info[REDUCED_SCALE] > 1  # decoded at reduced size: the torch kernel applies
+    fast = np.asarray(resize(image, recipe), dtype=np.int16)
+    slow = np.asarray(resize(pillow_only(image), recipe), dtype=np.int16)
+    assert fast.shape == slow.shape == (recipe.image_size, recipe.image_size, 3)
+    diff = np.abs(fast - slow)
+    assert diff.max() == 1 and (diff > 0).mean() < 0.01  # one level, on under 1% of values
+
+
+def test_a_keep_aspect_plan_gets_the_same_size_from_the_fast_resize(tmp_path: Path) -> None:
+    recipe = Recipe.for_size(224, keep_aspect=True)
+    image = load_image(str(big_astronaut(tmp_path, (2048, 1536))), recipe)
+    fast = np.asarray(resize(image, recipe, size=(294, 224)), dtype=np.int16)
+    slow = np.asarray(resize(pillow_only(image), recipe, size=(294, 224)), dtype=np.int16)
+    assert fast.shape == slow.shape == (224, 294, 3)
+    assert np.abs(fast - slow).max() <= 1
+
+
+def test_exact_decode_and_small_images_keep_pillows_resize(tmp_path: Path) -> None:
+    path = big_astronaut(tmp_path)
+    exact = load_image(str(path), Recipe(exact_decode=True))
+    assert REDUCED_SCALE not in exact.info
+    small = load_image(str(EXAMPLES / "chelsea.jpg"), Recipe())  # 451x300: decoded as is
+    assert REDUCED_SCALE not in small.info
+    # a marked image under an exact recipe still goes through Pillow, bit for bit
+    marked = load_image(str(path), Recipe())
+    ours = resize(marked, Recipe(exact_decode=True))
+    assert np.array_equal(np.asarray(ours), np.asarray(resize(pillow_only(marked), Recipe())))
 
 
 # ----------------------------------------------------------------- broken files

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from dinoreg.errors import InputError
 from dinoreg.inputs import tars
 from dinoreg.inputs.names import is_tar_name
-from dinoreg.inputs.recipe import Recipe, resized_size, to_rgb
+from dinoreg.inputs.recipe import REDUCED_SCALE, Recipe, resized_size, to_rgb
 
 # Pillow refuses outright above 2 * Image.MAX_IMAGE_PIXELS; we fail at the same size, but as a
 # clean per-file error instead of a warning followed by an exception.
@@ -107,9 +107,10 @@ def _decode(handle: BinaryIO, path: str, recipe: Recipe, max_pixels: int) -> Ima
             _check_size(image.size, path, recipe, max_pixels)
             if image.format in ("JPEG", "MPO"):
                 _check_jpeg_data(handle, path)
-            if not recipe.exact_decode:
-                _draft(image, recipe)
+            scale = 1 if recipe.exact_decode else _draft(image, recipe)
             image.load()  # decode everything now, so damage surfaces here and not later
+            if scale > 1:
+                image.info[REDUCED_SCALE] = scale  # `recipe.resize` may then take the fast kernel
         except ImageDecodeError:
             raise
         except Image.DecompressionBombError as exc:
@@ -226,16 +227,18 @@ def _jpeg_layout(
             frame = (marker, width, height, sampling)
 
 
-def _draft(image: Image.Image, recipe: Recipe) -> None:
+def _draft(image: Image.Image, recipe: Recipe) -> int:
+    """Ask libjpeg for the smallest DCT scale that keeps twice the resize target; the scale."""
     if image.format not in ("JPEG", "MPO"):  # only libjpeg decodes at 1/2, 1/4 or 1/8 scale
-        return
+        return 1
     width, height = image.size
     for scale in (8, 4, 2):
         if min(width, height) // scale >= recipe.decode_short_side:
             # Pillow picks the largest scale s with size // request >= s; asking for size // s
             # yields exactly s, so the short side stays >= twice the resize target.
             image.draft("RGB", (width // scale, height // scale))
-            return
+            return scale
+    return 1
 
 
 def _orient(image: Image.Image) -> Image.Image:
