@@ -16,6 +16,7 @@ import torch
 import torch.utils.data
 
 from dinoreg.inputs.buckets import Plan, plan
+from dinoreg.inputs.calibrate import measure_decode
 from dinoreg.inputs.dataset import Batch, ImageDataset, collate
 from dinoreg.inputs.gpu_decode import TensorDecoder, choose_decoder, finish_encoded
 from dinoreg.inputs.normalise import normalise_batch
@@ -125,9 +126,11 @@ class StageTimes:
     wait_input: float = 0.0  # waiting on decode workers
     forward: float = 0.0  # host-to-device copy, the model, device-to-host copy
     write: float = 0.0  # handing results to the writer
+    decode: str = "cpu"  # where JPEGs were decoded: "cpu" (the workers) or "device"
+    decode_choice: str = ""  # with decode="auto" on a device that decodes: what was measured
 
-    def as_dict(self) -> dict[str, float]:
-        return {k: round(v, 3) for k, v in vars(self).items()}
+    def as_dict(self) -> dict[str, float | str]:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in vars(self).items()}
 
 
 @dataclass
@@ -171,6 +174,14 @@ def run_batches(
     """
     decoder = _tensor_decoder or choose_decoder(options.decode, device, recipe, paths)
     times = times if times is not None else StageTimes()
+    if decoder is not None and options.decode == "auto":
+        workers = options.workers if options.workers is not None else default_workers(device)
+        measured = measure_decode(paths, recipe, decoder, device, compute, workers)
+        if measured is not None:
+            times.decode_choice = measured.describe()
+        if measured is None or not measured.prefers_device():
+            decoder = None
+    times.decode = "cpu" if decoder is None else "device"
     tick = time.perf_counter()
     batch_plan = plan(paths, recipe) if recipe.keep_aspect else None
     times.plan += time.perf_counter() - tick

@@ -28,8 +28,8 @@ class ComputeOptions:
     workers: int | None = None  # None: chosen from the cores present
     compile: bool = False  # torch.compile the model's forward (worth it on long GPU runs)
     cpu_fast_paths: bool = True  # `dinoreg.model.cpu`; off runs the plain model everywhere
-    # auto | cpu | gpu: where JPEGs are decoded (`dinoreg.inputs.gpu_decode`); auto picks the
-    # device on CUDA for JPEG inputs, the CPU workers otherwise
+    # auto | cpu | gpu: where JPEGs are decoded (`dinoreg.inputs.gpu_decode`); on CUDA, auto
+    # measures both on a sample of the inputs (`dinoreg.inputs.calibrate`), elsewhere the CPU
     decode: str = "auto"
 
     def __post_init__(self) -> None:

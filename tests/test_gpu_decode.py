@@ -286,3 +286,96 @@ def test_auto_decodes_on_the_device_only_for_jpegs_on_cuda(monkeypatch) -> None:
     assert gpu_decode.choose_decoder("auto", cuda, lanczos, PHOTOS) is None
     with pytest.raises(UsageError, match="bicubic or bilinear"):
         gpu_decode.choose_decoder("gpu", cuda, lanczos, PHOTOS)
+
+
+# ----------------------------------------------------------------- decode="auto" measures
+
+
+def _times(cpu_ms: float, device_ms: float, model_ms: float, workers: int):
+    from dinoreg.inputs.calibrate import DecodeTimes
+
+    return DecodeTimes(
+        cpu=cpu_ms / 1e3, device=device_ms / 1e3, model=model_ms / 1e3, workers=workers
+    )
+
+
+def test_auto_prefers_the_device_only_where_the_workers_cannot_keep_up() -> None:
+    # large photos, ViT-S: 15 workers at 13 ms each feed 1,150 img/s, the model wants 12,000
+    assert _times(13.0, 0.3, 0.08, 15).prefers_device()
+    # 500x375 JPEGs, ViT-L: the workers keep up (0.23 ms/img) with a model at 0.48 ms/img,
+    # so decoding on the device would only add its own time to the model's
+    assert not _times(3.7, 0.12, 0.48, 16).prefers_device()
+    # no workers: the main process decodes between batches, the device decode is cheaper
+    assert _times(3.7, 0.5, 2.0, 0).prefers_device()
+    # a win inside the margin keeps the reference path
+    t = _times(13.0, 0.3, 0.5, 15)
+    assert t.device_path < t.cpu_path and not t.prefers_device()
+    assert "decode auto: the device" in _times(13.0, 0.3, 0.08, 15).describe()
+
+
+def test_measure_decode_times_both_paths_and_the_model(tmp_path, tiny_dir) -> None:
+    import dinoreg
+    from dinoreg.inputs import calibrate
+
+    model = dinoreg.load_model(str(tiny_dir.path))
+    paths = _big_jpegs(tmp_path) + PHOTOS
+    calls = []
+
+    def compute(pixels: torch.Tensor):
+        calls.append(tuple(pixels.shape))
+        with torch.inference_mode():
+            return model.forward_features(pixels)
+
+    measured = calibrate.measure_decode(paths, Recipe(), pil_decoder, CPU, compute, workers=3)
+    assert measured is not None and measured.workers == 3
+    assert measured.cpu > 0 and measured.device > 0 and measured.model > 0
+    assert calls and all(shape[1:] == (3, 224, 224) for shape in calls)
+    # nothing the device decodes: no measurement, the CPU path
+    png = tmp_path / "a.png"
+    Image.open(PHOTOS[0]).save(png)
+    assert calibrate.measure_decode([str(png)], Recipe(), pil_decoder, CPU, compute, 3) is None
+
+
+def test_sample_is_spread_over_the_run_and_only_jpegs() -> None:
+    from dinoreg.inputs.calibrate import sample_jpegs
+
+    paths = [f"{i:03d}.jpg" if i % 3 else f"{i:03d}.png" for i in range(300)]
+    sample = sample_jpegs(paths, 10)
+    assert len(sample) == 10 and all(p.endswith(".jpg") for p in sample)
+    assert sample[0] == "001.jpg" and int(sample[-1][:3]) > 250
+    assert sample_jpegs(paths[:4], 10) == ["001.jpg", "002.jpg"]
+
+
+@pytest.mark.parametrize("device_wins", [True, False], ids=["device", "cpu"])
+def test_auto_runs_the_path_it_measured_faster_with_the_same_rows(
+    monkeypatch, tmp_path, device_wins: bool
+) -> None:
+    from dinoreg import batches
+    from dinoreg.batches import StageTimes
+
+    fast = _times(13.0, 0.3, 0.08, 15) if device_wins else _times(3.7, 0.12, 0.48, 16)
+    monkeypatch.setattr(batches, "measure_decode", lambda *args: fast)
+    paths = _big_jpegs(tmp_path) + PHOTOS
+    used = []
+
+    def counting_decoder(data, device):
+        used.append(len(data))
+        return pil_decoder(data, device)
+
+    def compute(pixels: torch.Tensor):
+        return pixels.sum(dim=(1, 2, 3))
+
+    def run(decode: str, decoder=None):
+        times = StageTimes()
+        options = ComputeOptions(batch_size=4, workers=0, decode=decode)
+        results = list(
+            run_batches(paths, Recipe(), options, compute, CPU, times, _tensor_decoder=decoder)
+        )
+        return results, times
+
+    ref, ref_times = run("cpu")
+    got, times = run("auto", counting_decoder)
+    assert times.decode == ("device" if device_wins else "cpu") and ref_times.decode == "cpu"
+    assert bool(used) == device_wins
+    assert times.decode_choice == fast.describe()
+    assert [r.paths for r in got] == [r.paths for r in ref]

@@ -138,8 +138,9 @@ DecodeOpt = Annotated[
     typer.Option(
         "--decode",
         metavar="auto|cpu|gpu",
-        help="Where JPEGs are decoded: auto (the GPU on CUDA, for JPEG inputs), cpu (decode "
-        "workers), gpu (nvJPEG; needs dinoreg[gpu]).",
+        help="Where JPEGs are decoded: auto (on CUDA, whichever of the GPU and the decode "
+        "workers measures faster on a sample of the inputs), cpu (decode workers), gpu (nvJPEG; "
+        "needs dinoreg[gpu]).",
         rich_help_panel="Compute",
     ),
 ]

@@ -27,6 +27,8 @@ def summary_line(s) -> str:
     if loop > 0:
         # the one number that says whether more decode workers (or GPU decoding) would help
         line += f"; the model waited on input {s.times.get('wait_input', 0.0) / loop:.0%}"
+    if s.times.get("decode") == "device":
+        line += "; JPEGs decoded on the device"
     return line
 
 
