@@ -9,6 +9,8 @@ Two sets, generated deterministically and cached under `bench-out/photos/`:
   not the flat areas of a plain upscale, which decode unrealistically fast.
 - `dataset`: ImageNet-sized JPEGs (500x375 or 375x500, quality 90): the large set and the
   shipped photos re-encoded, the size most training and evaluation sets have.
+- `square224` (`square_photos`, made only by `embedrate.py`): the same re-encoded at 224x224,
+  the model's input size.
 
 `python benchmarks/photos.py [--out bench-out]` makes both and prints where they are.
 `check_folder` validates a folder given with `--images` before any measuring starts.
@@ -55,7 +57,7 @@ QUALITY = 90
 class PhotoSet:
     """A folder of benchmark JPEGs and where they came from."""
 
-    name: str  # "large" or "dataset"
+    name: str  # "large", "dataset" or "square224"
     folder: Path
     paths: tuple[Path, ...]
     origin: str  # "generated from examples/images (v1)" or the folder given
@@ -154,28 +156,43 @@ def large_photos(out: Path) -> PhotoSet:
 
 def dataset_photos(out: Path, large: PhotoSet) -> PhotoSet:
     """ImageNet-size re-encodes (500x375, quality 90) of `large` and of the shipped photos."""
+    return _reencoded(out, large, "dataset", "ds", DATASET_SIZE)
+
+
+def square_photos(out: Path, large: PhotoSet, side: int = 224) -> PhotoSet:
+    """`side` x `side` re-encodes (scaled to cover, centre-cropped, quality 90) of `large` and of
+    the shipped photos: inputs already at the model's size, where decode and resize cost least."""
+    return _reencoded(out, large, f"square{side}", "sq", (side, side))
+
+
+def _reencoded(
+    out: Path, large: PhotoSet, name: str, prefix: str, size: tuple[int, int]
+) -> PhotoSet:
+    """`large` and the shipped photos scaled to cover `size` (flipped for portrait sources),
+    centre-cropped and saved at quality 90 under `out/photos/{name}-v{VERSION}`, made once."""
     inputs = [*large.paths, *sources()]
     # One cache per source folder: the generated set, or a digest of the folder given.
     given = large.folder.resolve() != (out / "photos" / f"large-v{VERSION}").resolve()
     tag = hashlib.sha1(str(large.folder.resolve()).encode()).hexdigest()[:8] if given else ""
-    folder = out / "photos" / f"dataset-v{VERSION}{'-' + tag if tag else ''}"
-    names = [f"ds{i:02d}-{p.stem}.jpg" for i, p in enumerate(inputs)]
+    folder = out / "photos" / f"{name}-v{VERSION}{'-' + tag if tag else ''}"
+    names = [f"{prefix}{i:02d}-{p.stem}.jpg" for i, p in enumerate(inputs)]
     manifest = {
         "version": VERSION,
-        "size": list(DATASET_SIZE),
+        "size": list(size),
         "quality": QUALITY,
         "inputs": [str(p) for p in inputs],
         "files": names,
     }
     if not _cache_ok(folder, manifest):
         folder.mkdir(parents=True, exist_ok=True)
-        for src, name in zip(inputs, names, strict=True):
+        for src, file in zip(inputs, names, strict=True):
             image = _rgb(src)
-            w, h = DATASET_SIZE if image.width >= image.height else DATASET_SIZE[::-1]
+            w, h = size if image.width >= image.height else size[::-1]
             small = Image.fromarray(_cover(image, w, h).astype(np.uint8), "RGB")
-            small.save(folder / name, quality=QUALITY)
+            small.save(folder / file, quality=QUALITY)
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return PhotoSet("dataset", folder, tuple(folder / n for n in names), f"500x375 of {large.name}")
+    origin = f"{size[0]}x{size[1]} of {large.name}"
+    return PhotoSet(name, folder, tuple(folder / n for n in names), origin)
 
 
 def jpegs(folder: Path) -> list[Path]:
