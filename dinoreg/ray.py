@@ -131,7 +131,7 @@ class Embedder:
         for start in range(0, len(good), o.batch_size):
             rows = good[start : start + o.batch_size]
             stacked = torch.stack([pixels[i] for i in rows]).to(self.prepared.device)
-            arrays = self._forward(stacked)
+            arrays, _ = self._forward(stacked).result()
             for token in self.shapes:
                 out[token][rows] = arrays[token]
         return out

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
 from dinoreg import __version__
+from dinoreg.embedding.transfer import PendingRows, to_host
 from dinoreg.errors import UsageError
 from dinoreg.inputs.recipe import Recipe
 from dinoreg.model.vit import RegistersViT
@@ -161,28 +162,26 @@ def provenance(prepared: PreparedModel, recipe: Recipe, output: OutputOptions) -
 
 def make_forward(
     prepared: PreparedModel, output: OutputOptions, keep_aspect: bool
-) -> Callable[[torch.Tensor], dict[str, Any]]:
-    """pixels (B, 3, H, W) on the device -> {dataset name: rows on the CPU} for `write_batch`."""
+) -> Callable[[torch.Tensor], PendingRows]:
+    """pixels (B, 3, H, W) on the device -> the rows for `write_batch`, in the store dtype, on
+    their way to the host (`PendingRows.result()` waits for them)."""
     model = prepared.model
     tokens = stored_tokens(output, model.cfg.num_registers)
 
-    def forward(pixels: torch.Tensor) -> dict[str, Any]:
+    def forward(pixels: torch.Tensor) -> PendingRows:
         with prepared.inference():
             if output.layers is None:
                 outs = [("", model.features(pixels).tokens)]
             else:
                 out = model.features(pixels, output.layers, norm=output.final_norm)
                 outs = [(f"layers/{i}/", out.layers[i]) for i in output.layers]
-        arrays: dict[str, Any] = {}
-        for prefix, out in outs:
-            for t in tokens:
-                a = getattr(out, t).float().cpu().numpy()
-                if keep_aspect and t == "patches":
-                    a = list(a.reshape(a.shape[0], -1, a.shape[-1]))  # ragged: (h*w, D) per row
-                arrays[prefix + t] = a
-        if keep_aspect:
+            rows = {prefix + t: getattr(out, t) for prefix, out in outs for t in tokens}
+            if not keep_aspect:
+                return to_host(rows, output.store_dtype)
+            # ragged patches: (h * w, D) per row, and each row's grid beside them
+            ragged = tuple(prefix + "patches" for prefix, _ in outs if "patches" in tokens)
             grid = np.asarray(outs[0][1].grid, np.int32)
-            arrays[GRIDS] = np.tile(grid, (pixels.shape[0], 1))
-        return arrays
+            extra = {GRIDS: np.tile(grid, (pixels.shape[0], 1))}
+            return to_host(rows, output.store_dtype, ragged, extra)
 
     return forward

@@ -8,11 +8,12 @@ by patch grid (in (grid, input index) order, `dinoreg.inputs.buckets`), not in i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from dinoreg.embedding.rows import (
     resolve_layers,
 )
 from dinoreg.embedding.shards import Shard, shard_path
+from dinoreg.embedding.transfer import PendingRows
 from dinoreg.errors import UsageError
 from dinoreg.inputs.discover import as_input_list, discover
 from dinoreg.inputs.recipe import Recipe
@@ -257,16 +259,25 @@ def _loop(run: _Run, todo: list[str], index: dict[str, int] | None) -> None:
         batches = run_batches(todo, run.recipe, run.compute, run.forward, run.device, times, lock)
         for result in batches:
             tick = time.perf_counter()
-            arrays = result.outputs if result.outputs is not None else {}  # failures only
-            if index is not None and result.paths:
-                arrays[INDEX] = np.array([index[p] for p in result.paths], np.int64)
-            background.submit(result.paths, arrays, result.failures)
+            rows = functools.partial(_rows, result.outputs, result.paths, index)
+            background.submit(result.paths, rows, result.failures)  # waits there, not here
             times.write += time.perf_counter() - tick
             summary.rows += len(result.paths)
             summary.failures.extend(result.failures)
             done += len(result.paths) + len(result.failures)
             if run.progress is not None:
                 run.progress(Progress(done, len(todo), summary.rows, result.failures))
+
+
+def _rows(
+    pending: PendingRows | None, paths: list[str], index: dict[str, int] | None
+) -> tuple[dict[str, Any], int]:
+    """A batch's arrays and the values their cast made non-finite, once on the host (called on
+    the writer's thread); a batch of failures only has none."""
+    arrays, made = pending.result() if pending is not None else ({}, 0)
+    if index is not None and paths:
+        arrays[INDEX] = np.array([index[p] for p in paths], np.int64)
+    return arrays, made
 
 
 def _size_on_disk(path: Path) -> int:

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from dinoreg.output.writer import Writer
+
+# A batch's arrays, or a callable that waits for them: () -> (arrays, values made non-finite)
+RowSource = Mapping[str, Any] | Callable[[], tuple[Mapping[str, Any], int]]
 
 
 class BackgroundWriter:
@@ -25,16 +30,20 @@ class BackgroundWriter:
         self.thread.start()
         return self
 
-    def submit(self, paths, arrays, failures) -> None:
+    def submit(self, paths: Sequence[str], rows: RowSource, failures: Sequence) -> None:
+        """Queue one batch; `rows` may be a callable, called on the writer's thread, that
+        waits for the rows (a copy from the device) and returns (arrays, made_nonfinite)."""
         if self.error is not None:
             raise self.error
-        self.queue.put((paths, arrays, failures))
+        self.queue.put((paths, rows, failures))
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
             if self.error is None:
+                paths, rows, failures = item
                 try:
-                    self.writer.write_batch(*item)
+                    arrays, made = rows() if callable(rows) else (rows, 0)
+                    self.writer.write_batch(paths, arrays, failures, made_nonfinite=made)
                 except BaseException as exc:  # re-raised in the main thread
                     self.error = exc
 

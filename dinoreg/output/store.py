@@ -228,13 +228,14 @@ class StagingStore:
         paths: Sequence[str],
         arrays: Mapping[str, Any],
         failures: Sequence[tuple[str, str]],
+        made_nonfinite: int = 0,
     ) -> None:
         """Append one batch and commit it: durable once this returns, absent if it never does."""
         n = len(paths)
         j = self.journal
         pieces: list[tuple[str, np.ndarray | bytes]] = []
         items = dict(j.items)
-        nonfinite = 0
+        nonfinite = made_nonfinite
         for spec in j.datasets:
             dt = np.dtype(STORE_DTYPES[spec.dtype])
             value = arrays.get(spec.name)

@@ -246,13 +246,15 @@ class Writer:
         paths: Sequence[str],
         arrays: Mapping[str, Any],
         failures: Sequence[tuple[str, str]] = (),
+        made_nonfinite: int = 0,
     ) -> None:
         """Append and commit one batch; when this returns the batch survives any crash.
 
         `arrays[name]` is an array with leading dimension `len(paths)`, or for a ragged dataset a
         sequence of `len(paths)` arrays of shape `(k_i, *row_shape)`. Values are cast to the store
         dtype. `failures` are `(path, reason)` pairs for inputs that get no row; a batch may hold
-        only failures (then `arrays` may be empty).
+        only failures (then `arrays` may be empty). `made_nonfinite`: values an earlier cast to
+        the store dtype (on the device) made inf or nan, counted with the writer's own.
         """
         if self._closed or self._store is None:
             raise ValueError("write_batch on a closed Writer")
@@ -262,7 +264,7 @@ class Writer:
         if not new:
             return
         try:
-            self._store.append(paths, arrays, failures)
+            self._store.append(paths, arrays, failures, made_nonfinite)
         except OSError as e:
             raise OutputError(
                 f"could not write {self.spec.path} ({e.strerror or e}); the batches committed "
