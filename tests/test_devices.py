@@ -30,6 +30,20 @@ def assert_same(a, b):
         assert np.abs(x[1] - y[1]).max() <= 1e-5 and np.abs(x[2] - y[2]).max() <= 1e-5
 
 
+def test_combined_times_sum_seconds_and_list_decodes():
+    from dinoreg.embedding.devices import combined_times
+
+    a = {"wait_input": 1.0, "forward": 3.0, "decode": "device", "decode_choice": "x"}
+    b = {"wait_input": 0.5, "forward": 2.0, "decode": "cpu", "decode_choice": "x"}
+    assert combined_times([a, b]) == {
+        "wait_input": 1.5,
+        "forward": 5.0,
+        "decode": "device; cpu",
+        "decode_choice": "x",
+    }
+    assert combined_times([]) == {}
+
+
 def test_device_lists():
     assert device_list("cpu,cpu") == ["cpu", "cpu"]
     assert device_list("cpu") == ["cpu"]
@@ -50,6 +64,8 @@ def test_two_processes_write_the_one_process_output(tmp_path, tiny_dir, fmt):
     dinoreg.embed([str(photos)], one, **common)
     summary = dinoreg.embed([str(photos)], two, device="cpu,cpu", **common)
     assert summary.complete and summary.rows == 7 and len(summary.failures) == 1
+    # both devices' stage times, summed: what the summary's "waited on input" share is made of
+    assert summary.times["forward"] > 0 and summary.times["decode"] == "cpu"
     assert_same(rows(two), rows(one))
     assert dinoreg.inspect_output(two).failures == dinoreg.inspect_output(one).failures
     assert not os.path.exists(str(two).rstrip("/") + ".devices")  # shards merged and removed

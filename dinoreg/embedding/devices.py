@@ -106,6 +106,7 @@ def run_on_devices(
         summary.nonfinite_values += r["nonfinite_values"]
         if r["mode_used"] == "continued":
             summary.mode_used = "continued"
+    summary.times = combined_times([r["times"] for r in results.values()])
     summary.seconds = time.perf_counter() - start
     if error is not None:
         raise error
@@ -207,11 +208,26 @@ def _device_main(
         messages.put(("error", i, RuntimeError, f"{type(exc).__name__}: {exc}", ()))
 
 
+def combined_times(per_device: Sequence[dict[str, float | str]]) -> dict[str, float | str]:
+    """The stage times of several devices as one: seconds summed (so shares such as the
+    model's wait on input weigh every device by its time), and where each decoded, listed."""
+    out: dict[str, float | str] = {}
+    for times in per_device:
+        for key, value in times.items():
+            if isinstance(value, str):
+                seen = [v for v in str(out.get(key, "")).split("; ") if v]
+                out[key] = "; ".join([*seen, value] if value and value not in seen else seen)
+            else:
+                out[key] = round(float(out.get(key, 0.0)) + value, 3)
+    return out
+
+
 def _result(summary) -> dict:
     if summary is None:
         return {"rows": 0, "resumed": 0, "failures": [], "failures_before": 0,
-                "nonfinite_values": 0, "mode_used": "created"}  # fmt: skip
+                "nonfinite_values": 0, "mode_used": "created", "times": {}}  # fmt: skip
     return {
+        "times": summary.times,
         "rows": summary.rows,
         "resumed": summary.resumed,
         "failures": summary.failures,
