@@ -63,17 +63,22 @@ def flops_per_image(dim: int, depth: int, tokens: int = 261, patches: int = 256)
 
 
 def throughput(fn, x: torch.Tensor, seconds: float = 3.0) -> float:
-    """Images/s of fn(x), after warm-up, over about `seconds`."""
+    """Images/s of fn(x), after warm-up, over about `seconds` (synchronised where x is on CUDA,
+    so that `gpubox.py`'s CPU smoke run can use it too)."""
     import torch
+
+    def sync() -> None:
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
 
     for _ in range(3):
         fn(x)
-    torch.cuda.synchronize()
+    sync()
     n, t = 0, time.perf_counter()
     while time.perf_counter() - t < seconds:
         fn(x)
         n += 1
-    torch.cuda.synchronize()
+    sync()
     return n * x.shape[0] / (time.perf_counter() - t)
 
 
