@@ -54,7 +54,7 @@ from benchmarks.common import environment  # noqa: E402  (imports torch when cal
 from benchmarks.endtoend import (  # noqa: E402  (no torch at import)
     HF_RECIPE,
     SIZES,
-    dinoreg_cmd,
+    embed_args,
     image_folder,
     make_checkpoint,
     timed,
@@ -109,6 +109,8 @@ class Report:
     rates: dict[str, float] = field(default_factory=dict)  # img/s, median over rounds
     round_rates: dict[str, list[float]] = field(default_factory=dict)
     ratios: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # set name -> an in-process `dinoreg.embed` run's stage seconds (`RunSummary.times`)
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def save(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
@@ -152,6 +154,19 @@ class Report:
             f"| {name} | " + " | ".join(f"{statistics.median(t[n]):.2f}" for n in (n1, n2)) + " |"
             for name, t in self.times.items()
         ]
+        n_rounds = len(next(iter(self.round_rates.values()), []))
+        rounds = [
+            f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |"
+            for name, values in self.round_rates.items()
+        ]
+        stages = []
+        for name, t in self.stages.items():
+            loop = sum(t.get(k, 0.0) for k in ("wait_input", "forward", "write")) or 1.0
+            stages.append(
+                f"| {name} | {100 * t.get('forward', 0.0) / loop:.1f}% | "
+                f"{100 * t.get('wait_input', 0.0) / loop:.1f}% | "
+                f"{100 * t.get('write', 0.0) / loop:.2f}% |"
+            )
         lines = [
             "# dinoreg embed rates on CPU",
             "",
@@ -177,7 +192,7 @@ class Report:
             f"Each rate is (N2 - N1) / (t2 - t1) with N1 = {n1} and N2 = {n2} images, t the wall "
             "seconds of the whole run (a fresh process for `embed` and the recipe, imports and "
             "model load included; the forward loop in this process), so start-up cancels; the "
-            f"median over {len(next(iter(self.round_rates.values())))} interleaved round(s). "
+            f"median over {n_rounds} interleaved round(s). "
             "`embed` stores all tokens (cls, registers, patches) in float32 to HDF5 with its "
             "default decode workers; the recipe writes the same with h5py.",
             "",
@@ -186,6 +201,24 @@ class Report:
             f"| case | N = {n1} | N = {n2} |",
             "| --- | ---: | ---: |",
             *times,
+            "",
+            "## Each round's rate (img/s)",
+            "",
+            "| case | " + " | ".join(f"round {i + 1}" for i in range(n_rounds)) + " |",
+            "| --- |" + " ---: |" * n_rounds,
+            *rounds,
+            "",
+            "## Where an `embed` run's loop time goes",
+            "",
+            "| set | forward pass | waiting on decode workers | handing rows to the writer |",
+            "| --- | ---: | ---: | ---: |",
+            *stages,
+            "",
+            f"`dinoreg.embed` in this process on N = {n2} images of each set, the same options "
+            "(`RunSummary.times`): the share of the batch loop's wall time in the forward pass "
+            "(normalising the uint8 batch, the model, the rows' cast), waiting for the next batch "
+            "from the decode workers, and queueing rows for the writer's thread. Read beside the "
+            "rates: what the model did not wait for cannot have slowed the run.",
         ]
         return "\n".join(lines).rstrip() + "\n"
 
@@ -247,6 +280,22 @@ def subprocess_case(name: str, count: int, cmd: Callable[[Path], list[str]], out
     return Case(name, count, run)
 
 
+def stage_times(folder: Path, out: Path, ckpt: Path, opts: RateOptions) -> dict[str, Any]:
+    """`RunSummary.times` of an in-process `dinoreg.embed` of `folder`, as the CLI runs it."""
+    import dinoreg
+
+    summary = dinoreg.embed(
+        str(folder),
+        out,
+        model=str(ckpt),
+        device="cpu",
+        dtype=opts.dtype,
+        batch_size=opts.batch_size,
+        overwrite=True,
+    )
+    return summary.times
+
+
 def rate(cases: list[Case], name: str, counts: tuple[int, int]) -> list[float]:
     """(N2 - N1) / (t2 - t1) of each round; nan where load made t2 <= t1."""
     by_count = {c.count: c.times for c in cases if c.name == name}
@@ -290,20 +339,8 @@ def measure(
             prepared.model.features(torch.zeros(opts.batch_size, 3, 224, 224))
 
         def embed(folder: Path) -> Callable[[Path], list[str]]:
-            return lambda out: dinoreg_cmd(
-                "embed",
-                str(folder),
-                "-o",
-                str(out),
-                "-m",
-                str(ckpt),
-                "-q",
-                "--device",
-                "cpu",
-                "--batch-size",
-                str(opts.batch_size),
-                "--dtype",
-                dtype,
+            return lambda out: embed_args(
+                folder, out, ckpt, opts.batch_size, dtype, "--device", "cpu"
             )
 
         def recipe(folder: Path) -> Callable[[Path], list[str]]:
@@ -332,6 +369,8 @@ def measure(
                 for n in counts
             ]
         interleave(cases, opts.reps)
+        for name, inputs in (("224x224 JPEGs", square_in), ("large photos", large_in)):
+            report.stages[name] = stage_times(inputs[counts[1]], work / "stages.h5", ckpt, opts)
     for c in cases:
         report.times.setdefault(c.name, {})[c.count] = c.times
     for name in report.times:

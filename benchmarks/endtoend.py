@@ -134,6 +134,16 @@ def dinoreg_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "dinoreg", *args]
 
 
+def embed_args(
+    folder: Path, out: Path, ckpt: Path, batch: int, dtype: str, *extra: str
+) -> list[str]:
+    """`dinoreg embed FOLDER -o OUT` as the benchmarks run it: quiet, this batch and dtype."""
+    return dinoreg_cmd(
+        "embed", str(folder), "-o", str(out), "-m", str(ckpt), "-q",
+        "--batch-size", str(batch), "--dtype", dtype, *extra,
+    )  # fmt: skip
+
+
 def run_embed(opts: Options) -> Section:
     """dinoreg embed vs the transformers recipe over large JPEGs: fp32/bf16, both decodings."""
     start = time.perf_counter()
@@ -162,20 +172,8 @@ def run_embed(opts: Options) -> Section:
             )
             for exact in (False, True):
                 out = work / f"dr-{dtype}-{exact}.h5"
-                args = [
-                    "embed",
-                    str(folder),
-                    "-o",
-                    str(out),
-                    "-m",
-                    str(ckpt),
-                    "-q",
-                    "--batch-size",
-                    str(batch),
-                    "--dtype",
-                    dtype,
-                ]
-                dr_s, dr_rss = timed(dinoreg_cmd(*args, *(["--exact-decode"] if exact else [])))
+                extra = ["--exact-decode"] if exact else []
+                dr_s, dr_rss = timed(embed_args(folder, out, ckpt, batch, dtype, *extra))
                 rows.append(
                     {
                         "dtype": dtype,
