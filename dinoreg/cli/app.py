@@ -109,7 +109,7 @@ ExactOpt = Annotated[
     bool,
     typer.Option(
         "--exact-decode",
-        help="Decode large JPEGs at full size (slower; see README).",
+        help="Decode and resize large JPEGs exactly as the checkpoints' processor (slower).",
         rich_help_panel="Preprocessing",
         metavar="",
     ),
