@@ -52,11 +52,11 @@ if str(ROOT) not in sys.path:
 from benchmarks import photos  # noqa: E402  (numpy and Pillow only: the check below is fast)
 from benchmarks.common import environment  # noqa: E402  (imports torch when called)
 from benchmarks.endtoend import (  # noqa: E402  (no torch at import)
-    HF_RECIPE,
     SIZES,
     embed_args,
     image_folder,
     make_checkpoint,
+    recipe_args,
     timed,
 )
 
@@ -344,16 +344,7 @@ def measure(
             )
 
         def recipe(folder: Path) -> Callable[[Path], list[str]]:
-            return lambda out: [
-                sys.executable,
-                "-c",
-                HF_RECIPE,
-                str(ckpt),
-                str(folder),
-                str(out),
-                str(opts.batch_size),
-                dtype,
-            ]
+            return lambda out: recipe_args(folder, out, ckpt, opts.batch_size, dtype)
 
         square_in = {n: image_folder(work / f"square-{n}", list(square.paths), n) for n in counts}
         large_in = {n: image_folder(work / f"large-{n}", list(large.paths), n) for n in counts}

@@ -134,6 +134,11 @@ def dinoreg_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "dinoreg", *args]
 
 
+def recipe_args(folder: Path, out: Path, ckpt: Path, batch: int, dtype: str) -> list[str]:
+    """The transformers recipe (`HF_RECIPE`) over `folder` into `out`, as a command line."""
+    return [sys.executable, "-c", HF_RECIPE, str(ckpt), str(folder), str(out), str(batch), dtype]
+
+
 def embed_args(
     folder: Path, out: Path, ckpt: Path, batch: int, dtype: str, *extra: str
 ) -> list[str]:
@@ -158,18 +163,7 @@ def run_embed(opts: Options) -> Section:
         ckpt = make_checkpoint("small", work)
         for dtype in ("float32", "bfloat16"):
             out = work / f"hf-{dtype}.h5"
-            hf_s, hf_rss = timed(
-                [
-                    sys.executable,
-                    "-c",
-                    HF_RECIPE,
-                    str(ckpt),
-                    str(folder),
-                    str(out),
-                    str(batch),
-                    dtype,
-                ]
-            )
+            hf_s, hf_rss = timed(recipe_args(folder, out, ckpt, batch, dtype))
             for exact in (False, True):
                 out = work / f"dr-{dtype}-{exact}.h5"
                 extra = ["--exact-decode"] if exact else []
