@@ -4,6 +4,7 @@ stdin, broken inputs, and a start-up path free of torch."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -155,3 +156,15 @@ def test_help_imports_no_torch(args):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.stderr.strip().splitlines()[-1] == "exit 0 False"
     assert "Usage" in res.stdout
+
+
+@pytest.mark.parametrize("command", ["embed", "classify"])
+def test_help_keeps_square_brackets_that_are_not_markup(command):
+    # Rich would read "[gpu]" as a style tag and drop it from the install hint.
+    res = subprocess.run(
+        [sys.executable, "-m", "dinoreg", command, "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert res.returncode == 0 and "pip install 'dinoreg[gpu]'" in res.stdout

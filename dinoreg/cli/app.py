@@ -140,7 +140,7 @@ DecodeOpt = Annotated[
         metavar="auto|cpu|gpu",
         help="Where JPEGs are decoded: auto (on CUDA, whichever of the GPU and the decode "
         "workers measures faster on a sample of the inputs), cpu (decode workers), gpu (nvJPEG; "
-        "needs dinoreg[gpu]).",
+        "needs the gpu extra: pip install 'dinoreg\\[gpu]').",
         rich_help_panel="Compute",
     ),
 ]
