@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -308,12 +309,22 @@ def loader_rate(
             count += len(piece.indices)
             if pieces == warm_pieces:
                 warm, warm_at = count, time.perf_counter()
-        runs.steady.append((count - warm) / max(time.perf_counter() - warm_at, 1e-9))
+        # nan when the pass was too short to have anything after the workers' first pieces
+        after = time.perf_counter() - warm_at
+        runs.steady.append((count - warm) / after if count > warm else float("nan"))
         # exhausting the iterator joined the workers: their CPU time is in RUSAGE_CHILDREN now
         runs.cpu.append((used() - cpu0) * 1e3 / max(count, 1))
         return count
 
     return run
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a (too few images)" if value is None else f"{value:.0%}"
 
 
 def run_loader(sets: dict[str, photos.PhotoSet], opts: PipelineOptions, report: Report) -> None:
@@ -330,15 +341,18 @@ def run_loader(sets: dict[str, photos.PhotoSet], opts: PipelineOptions, report: 
         steady = {w: statistics.median(runs[w].steady) for w in counts}
         top = max(counts)
         scales = 1 in rates and top > 1
+        steady_scales = scales and all(math.isfinite(steady[w]) and steady[w] > 0 for w in (1, top))
         data[name] = {
             "images_per_run": len(paths),
             "img_s": {str(w): r for w, r in rates.items()},
-            "img_s_workers_running": {str(w): r for w, r in steady.items()},
+            "img_s_workers_running": {
+                str(w): r if math.isfinite(r) else None for w, r in steady.items()
+            },
             "first_batch_s": {str(w): statistics.median(runs[w].firsts) for w in counts},
             "cpu_ms_per_image_all_processes": {
                 str(w): statistics.median(runs[w].cpu) for w in counts
             },
-            "scaling_efficiency": steady[top] / (top * steady[1]) if scales else None,
+            "scaling_efficiency": steady[top] / (top * steady[1]) if steady_scales else None,
             "scaling_efficiency_with_start_up": rates[top] / (top * rates[1]) if scales else None,
             "workers_max": top,
         }
@@ -352,17 +366,17 @@ def run_loader(sets: dict[str, photos.PhotoSet], opts: PipelineOptions, report: 
     rows = [f"| workers | {head} |", "| ---: |" + " ---: | ---: | ---: | ---: |" * len(names)]
     for w in counts:
         cells = " | ".join(
-            f"{data[n]['img_s'][str(w)]:.1f} | {data[n]['img_s_workers_running'][str(w)]:.1f} | "
+            f"{data[n]['img_s'][str(w)]:.1f} | {_rate(data[n]['img_s_workers_running'][str(w)])} | "
             f"{data[n]['first_batch_s'][str(w)]:.2f} | "
             f"{data[n]['cpu_ms_per_image_all_processes'][str(w)]:.1f}"
             for n in names
         )
         rows.append(f"| {w} | {cells} |")
     eff = "; ".join(
-        f"`{n}` {data[n]['scaling_efficiency']:.0%} "
-        f"({data[n]['scaling_efficiency_with_start_up']:.0%} with start-up)"
+        f"`{n}` {_percent(data[n]['scaling_efficiency'])} "
+        f"({_percent(data[n]['scaling_efficiency_with_start_up'])} with start-up)"
         for n in names
-        if data[n]["scaling_efficiency"] is not None
+        if data[n]["scaling_efficiency_with_start_up"] is not None
     )
     report.markdown["loader"] = "\n".join(
         [
