@@ -17,8 +17,10 @@ Sections, each written to `--out`/pipeline.{json,md} as soon as it finishes:
    (issue 11 §2: hand over uint8 and normalise on the device), synthetic and on real decodes.
 4. forward: forward-only img/s of the chosen model shape (random weights, fp32 and bf16, as
    `prepare_model` sets it up on CPU), and which side bounds the run.
-5. profile: where the ms of decode + preprocess go on the large photos, and measured
-   alternatives (smaller draft, reducing_gap, one-pass resize-and-crop, copies).
+5. profile (`decode_profile.py`): where the ms of decode + preprocess go on the large photos,
+   and measured alternatives (smaller draft, reducing_gap, one-pass resize-and-crop, copies).
+
+The options, the report and the timing helpers the sections share are in `pipeline_common.py`.
 
 Timings are medians of repeats, each alternative timed interleaved with the others in the same
 run (`common.time_interleaved`), so that other load on the machine hits all of them alike.
@@ -27,7 +29,6 @@ run (`common.time_interleaved`), so that other load on the machine hits all of t
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -37,7 +38,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from resource import RUSAGE_CHILDREN, RUSAGE_SELF
 from typing import Any
@@ -47,129 +47,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # benchmark this checkout's dinoreg and the helper modules
 
 from benchmarks import photos  # noqa: E402  (numpy and Pillow only: the check below is fast)
-
-
-@dataclass(frozen=True)
-class PipelineOptions:
-    out: Path = Path("bench-out")
-    images: Path | None = None  # large JPEGs; None: generated from examples/images
-    quick: bool = False
-    workers: tuple[int, ...] = ()  # () : 0, 1, 2, 4, ... up to all cores
-    batch_size: int = 32  # embed's CPU batch size in the README's runs
-    model: str = "small"
-    repeats: int = 3
-    sections: tuple[str, ...] = ("stages", "loader", "handover", "forward", "profile")
-
-    @property
-    def reps(self) -> int:
-        return 1 if self.quick else self.repeats
-
-
-@dataclass
-class Report:
-    """Everything measured so far; rewritten to disk after every section."""
-
-    options: dict[str, Any]
-    environment: dict[str, Any]
-    photos: dict[str, Any] = field(default_factory=dict)
-    sections: dict[str, Any] = field(default_factory=dict)
-    markdown: dict[str, str] = field(default_factory=dict)
-
-    def save(self, out: Path) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **asdict(self),
-        }
-        del payload["markdown"]
-        (out / "pipeline.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
-        (out / "pipeline.md").write_text(self.render())
-
-    def render(self) -> str:
-        env = self.environment
-        load = env.get("loadavg_start", [0.0])[0]
-        lines = [
-            "# dinoreg input pipeline",
-            "",
-            f"{env['cpu']} ({env.get('cpu_flags', '?')}), {env['cores']} cores, "
-            f"torch {env['torch']}, Pillow {env['pillow']} "
-            f"(libjpeg-turbo {env['libjpeg_turbo']}), numpy {env['numpy']}, Python "
-            f"{env['python']}; 1-minute load average at the start {load:.2f} (other work on the "
-            "machine makes every number noisier; ratios within one run hold better).",
-            "",
-            f"Options: {' '.join(f'{k}={v}' for k, v in self.options.items())}",
-            "",
-            "Photo sets: "
-            + "; ".join(
-                f"`{p['name']}` {p['count']} JPEGs, {p['megapixels_min']}-{p['megapixels_max']} "
-                f"MP (mean {p['megapixels_mean']}), {p['bytes_per_pixel_mean']} bytes/pixel, "
-                f"{p['origin']}"
-                for p in self.photos.values()
-            ),
-        ]
-        for text in self.markdown.values():
-            lines += ["", text]
-        return "\n".join(lines).rstrip() + "\n"
-
-
-# ---------------------------------------------------------------------------------------------
-# timing helpers
-
-
-@dataclass(frozen=True)
-class Cost:
-    """ms per image: wall time, and this process's CPU time (less hurt by other load)."""
-
-    wall: float
-    cpu: float
-
-
-def interleaved_cost(
-    calls: dict[str, tuple[Callable[[], object], int]], reps: int, warmup: int = 1
-) -> dict[str, Cost]:
-    """Median ms per image of each in-process call (fn, images it handles), wall and CPU, the
-    calls alternated round by round (reversed every other round) so that load hits all alike."""
-    for _ in range(warmup):  # page cache, lazy imports, allocator
-        for fn, _count in calls.values():
-            fn()
-    wall: dict[str, list[float]] = {name: [] for name in calls}
-    cpu: dict[str, list[float]] = {name: [] for name in calls}
-    names = list(calls)
-    for r in range(reps):
-        for name in names if r % 2 == 0 else reversed(names):
-            fn, count = calls[name]
-            w0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            wall[name].append((time.perf_counter() - w0) * 1e3 / count)
-            cpu[name].append((time.process_time() - c0) * 1e3 / count)
-    return {n: Cost(statistics.median(wall[n]), statistics.median(cpu[n])) for n in names}
-
-
-def interleaved_ms(
-    calls: dict[str, Callable[[], object]], count: int, reps: int, warmup: int = 1
-) -> dict[str, float]:
-    """Wall ms per image of each call (each handles `count` images; DataLoader runs, whose work
-    is in other processes), median of interleaved repeats."""
-    from benchmarks.common import time_interleaved
-
-    timings = time_interleaved(calls, warmup=warmup, reps=reps)
-    return {name: t.median * 1e3 / count for name, t in timings.items()}
-
-
-def cycled(paths: Sequence[Path], count: int) -> list[str]:
-    return [str(paths[i % len(paths)]) for i in range(count)]
-
-
-def worker_counts(opts: PipelineOptions) -> list[int]:
-    if opts.workers:
-        return sorted(set(opts.workers))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    counts, n = {0, 1, cores or 1}, 2
-    while n < (cores or 1):
-        counts.add(n)
-        n *= 2
-    return sorted(counts)
-
+from benchmarks.decode_profile import run_profile  # noqa: E402
+from benchmarks.pipeline_common import (  # noqa: E402
+    Cost,
+    PipelineOptions,
+    Report,
+    cycled,
+    interleaved_cost,
+    interleaved_ms,
+    worker_counts,
+)
 
 # ---------------------------------------------------------------------------------------------
 # 1. per-stage cost on one core
@@ -633,258 +520,6 @@ def run_bound(sets: dict[str, photos.PhotoSet], report: Report) -> None:
             "forward rate x core-ms per image / 1000 cores to keep up.",
         ]
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. profile of decode + preprocess on the large photos, and the alternatives
-
-
-def _profile_image(path: str, recipe: Any) -> dict[str, Callable[[], object]]:
-    """Callables for each sub-step of load_image + preprocess on one file (inputs precomputed)."""
-    import numpy as np
-    import torch
-    from PIL import Image, ImageOps
-
-    from dinoreg.inputs.decode import _draft
-    from dinoreg.inputs.normalise import normalise_table
-    from dinoreg.inputs.recipe import REDUCED_SCALE, resize, resized_size, to_rgb
-
-    def opened() -> Image.Image:
-        return Image.open(path)
-
-    def drafted() -> Image.Image:
-        im = Image.open(path)
-        _draft(im, recipe)
-        return im
-
-    loaded = drafted()
-    loaded.load()
-    reduced = loaded.copy()
-    reduced.info[REDUCED_SCALE] = 2  # what load_image marks: recipe.resize takes torch's kernel
-    w, h = resized_size(*loaded.size, recipe)
-    big = loaded.resize((w, h), Image.Resampling.BICUBIC)
-    left, top = (w - 224) // 2, (h - 224) // 2
-    crop = big.crop((left, top, left + 224, top + 224))
-    arr = np.asarray(crop)
-    table = normalise_table(recipe.mean, recipe.std)
-    out = np.empty((3, 224, 224), np.float32)
-
-    def lut() -> None:
-        for c in range(3):
-            np.take(table[c], arr[:, :, c], out=out[c], mode="clip")
-
-    return {
-        "open + header": opened,
-        "draft (choose DCT scale)": lambda: _draft(opened(), recipe),
-        "decode at draft scale": lambda: drafted().load(),
-        "exif_transpose": lambda: ImageOps.exif_transpose(loaded, in_place=True),
-        "to_rgb": lambda: to_rgb(loaded),
-        "resize (Pillow bicubic to 256 short side)": lambda: loaded.resize(
-            (w, h), Image.Resampling.BICUBIC
-        ),
-        "resize + crop (torch uint8 kernel, reduced-size decodes)": lambda: resize(reduced, recipe),
-        "crop 224": lambda: big.crop((left, top, left + 224, top + 224)).load(),
-        "np.asarray (PIL -> numpy copy)": lambda: np.asarray(crop),
-        "normalise lookup (3 np.take)": lut,
-        "torch.from_numpy": lambda: torch.from_numpy(out),
-    }
-
-
-DEFAULT_ROUTE = "library default (draft >= 2x256, torch resize + crop)"
-
-
-def pillow_resize(image: Any, recipe: Any) -> Any:
-    """The library's resize with the torch kernel turned off: Pillow resize, then crop."""
-    from dinoreg.inputs.recipe import REDUCED_SCALE, resize
-
-    plain = image.copy()
-    plain.info.pop(REDUCED_SCALE, None)
-    return resize(plain, recipe)
-
-
-def one_pass(image: Any, recipe: Any, reducing_gap: float | None = None) -> Any:
-    """Resize and crop in one resample: only the 224x224 output is computed, from the source box
-    that the library's resize-then-crop maps onto it (same filter, same geometry)."""
-    from PIL import Image
-
-    from dinoreg.inputs.recipe import resized_size
-
-    w, h = resized_size(*image.size, recipe)
-    sx, sy = image.width / w, image.height / h
-    left, top = (w - recipe.image_size) // 2, (h - recipe.image_size) // 2
-    box = (left * sx, top * sy, (left + recipe.image_size) * sx, (top + recipe.image_size) * sy)
-    size = (recipe.image_size, recipe.image_size)
-    return image.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=reducing_gap)
-
-
-def run_profile(large: photos.PhotoSet, opts: PipelineOptions, report: Report) -> None:
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from dinoreg.inputs.decode import load_image
-    from dinoreg.inputs.recipe import Recipe, resize, resized_size
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    recipe, exact = Recipe(), Recipe(exact_decode=True)
-    files = [str(p) for p in large.paths][: 4 if opts.quick else None]
-    reps = 2 if opts.quick else opts.reps + 2
-    # (a) where the ms go: each sub-step over all files
-    profiles = [_profile_image(f, recipe) for f in files]
-    step_costs = interleaved_cost(
-        {s: ((lambda s=s: [p[s]() for p in profiles]), len(files)) for s in profiles[0]}, reps
-    )
-    per_step = {k: asdict(c) for k, c in step_costs.items()}
-    print(f"[pipeline] profile: {per_step}", file=sys.stderr, flush=True)
-
-    # (b) alternatives, each against the exact decode (full resolution, what transformers does)
-    def draft_to(path: str, short: int) -> Image.Image:
-        """Open with the largest DCT scale whose short side stays >= `short`."""
-        im = Image.open(path)
-        w, h = im.size
-        for scale in (8, 4, 2):
-            if min(w, h) // scale >= short:
-                im.draft("RGB", (w // scale, h // scale))
-                break
-        im.load()
-        return im.convert("RGB")
-
-    variants: dict[str, Callable[[str], Image.Image]] = {
-        DEFAULT_ROUTE: lambda f: resize(load_image(f, recipe), recipe),
-        "default draft, Pillow resize + crop (before)": lambda f: pillow_resize(
-            load_image(f, recipe), recipe
-        ),
-        "exact decode (full size, resize, crop)": lambda f: resize(load_image(f, exact), exact),
-        "draft >= 256 (one DCT scale further)": lambda f: resize(draft_to(f, 256), recipe),
-        "default draft, reducing_gap=2.0": lambda f: _resize_gap(
-            load_image(f, recipe), recipe, 2.0
-        ),
-        "exact decode, reducing_gap=2.0": lambda f: _resize_gap(load_image(f, exact), exact, 2.0),
-        "exact decode, one-pass resize+crop": lambda f: one_pass(load_image(f, exact), exact),
-        "default draft, one-pass resize+crop (box=)": lambda f: one_pass(
-            load_image(f, recipe), recipe
-        ),
-        "draft >= 256, one-pass resize+crop": lambda f: one_pass(draft_to(f, 256), recipe),
-        "draft >= 256, reducing_gap=2.0, one-pass": lambda f: one_pass(
-            draft_to(f, 256), recipe, 2.0
-        ),
-    }
-    reference = {
-        f: np.asarray(variants["exact decode (full size, resize, crop)"](f)) for f in files
-    }
-    default = {f: np.asarray(variants[DEFAULT_ROUTE](f)) for f in files}
-    costs = interleaved_cost(
-        {
-            name: ((lambda fn=fn: [fn(f) for f in files]), len(files))
-            for name, fn in variants.items()
-        },
-        reps,
-    )
-    alternatives: dict[str, Any] = {}
-    for name, fn in variants.items():
-        diffs = [
-            np.abs(np.asarray(fn(f)).astype(np.int16) - reference[f].astype(np.int16))
-            for f in files
-        ]
-        vs_default = [
-            np.abs(np.asarray(fn(f)).astype(np.int16) - default[f].astype(np.int16)) for f in files
-        ]
-        alternatives[name] = {
-            "ms_per_image": asdict(costs[name]),
-            "mean_abs_vs_exact": float(np.mean([d.mean() for d in diffs])),
-            "p99_abs_vs_exact": float(np.mean([np.percentile(d, 99) for d in diffs])),
-            "max_abs_vs_exact": int(max(d.max() for d in diffs)),
-            "mean_abs_vs_default": float(np.mean([d.mean() for d in vs_default])),
-        }
-    # (c) copies: PIL -> numpy, and the normalise itself
-    crops = [resize(load_image(f, recipe), recipe) for f in files]
-    copies = {
-        "np.asarray(image)": lambda: [np.asarray(c) for c in crops],
-        "np.frombuffer(image.tobytes())": lambda: [
-            np.frombuffer(c.tobytes(), np.uint8).reshape(224, 224, 3) for c in crops
-        ],
-        "recipe.normalise (asarray + lookup)": lambda: [_normalise(c, recipe) for c in crops],
-        "torch arithmetic on uint8 (no table)": lambda: [
-            _torch_normalise(c, recipe) for c in crops
-        ],
-    }
-    copy_ms = {
-        k: asdict(c)
-        for k, c in interleaved_cost(
-            {k: (f, len(files)) for k, f in copies.items()}, reps * 10
-        ).items()
-    }
-    torch.set_num_threads(threads)
-    sizes = [resized_size(*Image.open(f).size, recipe) for f in files]
-    report.sections["profile"] = {
-        "steps_ms_per_image": per_step,
-        "alternatives": alternatives,
-        "copies_ms_per_image": copy_ms,
-        "resized_pixels_mean": float(np.mean([w * h for w, h in sizes])),
-    }
-    rows = ["| step (default recipe) | CPU ms/image | wall ms/image |", "| --- | ---: | ---: |"]
-    rows += [f"| {k} | {v['cpu']:.3f} | {v['wall']:.3f} |" for k, v in per_step.items()]
-    alt = [
-        "| route | CPU ms/image | wall ms/image | CPU vs default "
-        "| mean abs diff to exact (8-bit levels) | p99 | max | mean abs diff to default |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    base = alternatives[DEFAULT_ROUTE]["ms_per_image"]["cpu"]
-    for name, a in alternatives.items():
-        t = a["ms_per_image"]
-        alt.append(
-            f"| {name} | {t['cpu']:.2f} | {t['wall']:.2f} | {t['cpu'] / base:.2f}x | "
-            f"{a['mean_abs_vs_exact']:.3f} | {a['p99_abs_vs_exact']:.1f} | "
-            f"{a['max_abs_vs_exact']} | {a['mean_abs_vs_default']:.3f} |"
-        )
-    cp = ["| PIL -> tensor (224x224) | CPU ms/image | wall ms/image |", "| --- | ---: | ---: |"]
-    cp += [f"| {k} | {v['cpu']:.3f} | {v['wall']:.3f} |" for k, v in copy_ms.items()]
-    report.markdown["profile"] = "\n".join(
-        [
-            f"## Profile: decode + preprocess on the `{large.name}` set (one core)",
-            "",
-            *rows,
-            "",
-            "Each sub-step timed alone over the set (so the sum differs a little from the "
-            "stage totals); the default recipe drafts JPEGs to the largest DCT scale whose short "
-            "side stays >= 512.",
-            "",
-            "### Alternatives, timed interleaved, output (224x224 uint8, before normalising) "
-            "compared with the exact decode",
-            "",
-            *alt,
-            "",
-            *cp,
-        ]
-    )
-
-
-def _resize_gap(image: Any, recipe: Any, gap: float) -> Any:
-    from PIL import Image
-
-    from dinoreg.inputs.recipe import resized_size
-
-    w, h = resized_size(*image.size, recipe)
-    big = image.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=gap)
-    left, top = (w - recipe.image_size) // 2, (h - recipe.image_size) // 2
-    return big.crop((left, top, left + recipe.image_size, top + recipe.image_size))
-
-
-def _normalise(image: Any, recipe: Any) -> Any:
-    from dinoreg.inputs.recipe import normalise
-
-    return normalise(image, recipe)
-
-
-def _torch_normalise(image: Any, recipe: Any) -> Any:
-    import numpy as np
-    import torch
-
-    x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float().div_(255)
-    mean = torch.tensor(recipe.mean).view(3, 1, 1)
-    std = torch.tensor(recipe.std).view(3, 1, 1)
-    return x.sub_(mean).div_(std)
 
 
 # ---------------------------------------------------------------------------------------------
