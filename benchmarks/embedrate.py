@@ -177,13 +177,7 @@ class Report:
             "",
             f"Options: {' '.join(f'{k}={v}' for k, v in opts.items())}",
             "",
-            "Photo sets: "
-            + "; ".join(
-                f"`{p['name']}` {p['count']} JPEGs, {p['megapixels_min']}-{p['megapixels_max']} "
-                f"MP (mean {p['megapixels_mean']}), {p['bytes_per_pixel_mean']} bytes/pixel, "
-                f"{p['origin']}"
-                for p in self.photos.values()
-            ),
+            photos.sets_line(self.photos.values()),
             "",
             f"## Rates, ViT {opts['model']} at 224, {opts['dtype']}, batch {opts['batch_size']}",
             "",

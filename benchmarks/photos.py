@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,16 @@ class PhotoSet:
             "megapixels_mean": round(sum(mp) / len(mp), 2),
             "bytes_per_pixel_mean": round(sum(nbytes) / sum(w * h for w, h in sizes), 3),
         }
+
+
+def sets_line(described: Iterable[dict[str, object]]) -> str:
+    """One report line naming the photo sets (`PhotoSet.describe()` of each)."""
+    return "Photo sets: " + "; ".join(
+        f"`{p['name']}` {p['count']} JPEGs, {p['megapixels_min']}-{p['megapixels_max']} "
+        f"MP (mean {p['megapixels_mean']}), {p['bytes_per_pixel_mean']} bytes/pixel, "
+        f"{p['origin']}"
+        for p in described
+    )
 
 
 def sources() -> list[Path]:

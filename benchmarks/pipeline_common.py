@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from benchmarks import photos
+
 
 @dataclass(frozen=True)
 class PipelineOptions:
@@ -65,13 +67,7 @@ class Report:
             "",
             f"Options: {' '.join(f'{k}={v}' for k, v in self.options.items())}",
             "",
-            "Photo sets: "
-            + "; ".join(
-                f"`{p['name']}` {p['count']} JPEGs, {p['megapixels_min']}-{p['megapixels_max']} "
-                f"MP (mean {p['megapixels_mean']}), {p['bytes_per_pixel_mean']} bytes/pixel, "
-                f"{p['origin']}"
-                for p in self.photos.values()
-            ),
+            photos.sets_line(self.photos.values()),
         ]
         for text in self.markdown.values():
             lines += ["", text]
