@@ -27,13 +27,10 @@ from PIL import Image
 from dinoreg.errors import UsageError
 from dinoreg.inputs import tars
 from dinoreg.inputs.decode import _check_jpeg_data, _check_size, _jpeg_layout
-from dinoreg.inputs.recipe import Recipe, resized_size
+from dinoreg.inputs.recipe import TENSOR_INTERPOLATIONS, Recipe, crop_box, resized_size
 
 DECODES = ("auto", "cpu", "gpu")
 JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
-# Interpolations torch resizes as Pillow does (antialiased, a = -0.5 for bicubic); the others
-# (box, hamming, lanczos, nearest) stay on the CPU path.
-TENSOR_INTERPOLATIONS = {"bicubic": "bicubic", "bilinear": "bilinear"}
 # Baseline and extended sequential Huffman frames: what nvJPEG and libjpeg-turbo both decode.
 _DEVICE_FRAMES = frozenset({0xC0, 0xC1})
 _ORIENTATION = 0x0112
@@ -262,10 +259,7 @@ def resize_tensor(image: torch.Tensor, size: tuple[int, int], recipe: Recipe) ->
 
 
 def crop(image: torch.Tensor, recipe: Recipe) -> torch.Tensor:
-    """(3, H, W) -> the recipe's centre crop as (H, W, 3), rounded as `recipe.resize` rounds."""
-    if recipe.crop:
-        out = recipe.image_size
-        height, width = image.shape[-2:]
-        top, left = (height - out) // 2, (width - out) // 2  # floor of half the excess, as HF
-        image = image[:, top : top + out, left : left + out]
-    return image.permute(1, 2, 0).contiguous()
+    """(3, H, W) -> the recipe's centre crop as (H, W, 3), where `recipe.resize` puts it."""
+    height, width = image.shape[-2:]
+    left, top, right, bottom = crop_box(width, height, recipe)
+    return image[:, top:bottom, left:right].permute(1, 2, 0).contiguous()

@@ -37,8 +37,9 @@ _RESIZE_RATIO = 256 / 224
 # fixed-point weights, torch 16-bit ones), where the reduced decode alone moves pixels by up to
 # 27 levels. Every other image is resized by Pillow, bit for bit the checkpoints' processor.
 REDUCED_SCALE = "dinoreg.reduced_scale"
-# Interpolations whose antialiased torch kernel is Pillow's filter (bicubic with a = -0.5).
-_TORCH_FILTERS = {"bicubic": "bicubic", "bilinear": "bilinear"}
+# Interpolations torch resizes as Pillow does (antialiased, a = -0.5 for bicubic); the others
+# (box, hamming, lanczos, nearest) always go through Pillow.
+TENSOR_INTERPOLATIONS = {"bicubic": "bicubic", "bilinear": "bilinear"}
 
 INTERPOLATIONS: dict[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
@@ -238,22 +239,29 @@ def resize(image: Image.Image, recipe: Recipe, size: tuple[int, int] | None = No
     image = to_rgb(image, recipe.background)
     width, height = image.size
     new_w, new_h = size if size is not None else resized_size(width, height, recipe)
-    out_w, out_h = (recipe.image_size, recipe.image_size) if recipe.crop else (new_w, new_h)
-    # Floor of half the excess, as HF does (torchvision rounds instead: one pixel apart).
-    left, top = (new_w - out_w) // 2, (new_h - out_h) // 2
-    box = (left, top, left + out_w, top + out_h)
+    box = crop_box(new_w, new_h, recipe)
     if (new_w, new_h) == (width, height):
         return image.crop(box) if recipe.crop else image
     if _takes_fast_resize(image, recipe, (new_w, new_h)):
-        return _torch_resize(image, (new_w, new_h), box, _TORCH_FILTERS[recipe.interpolation])
+        mode = TENSOR_INTERPOLATIONS[recipe.interpolation]
+        return _torch_resize(image, (new_w, new_h), box, mode)
     image = image.resize((new_w, new_h), INTERPOLATIONS[recipe.interpolation])
     return image.crop(box) if recipe.crop else image
+
+
+def crop_box(width: int, height: int, recipe: Recipe) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the recipe's centre crop in a resized (W, H) image; the
+    whole image when the recipe does not crop."""
+    out_w, out_h = (recipe.image_size, recipe.image_size) if recipe.crop else (width, height)
+    # Floor of half the excess, as HF does (torchvision rounds instead: one pixel apart).
+    left, top = (width - out_w) // 2, (height - out_h) // 2
+    return left, top, left + out_w, top + out_h
 
 
 def _takes_fast_resize(image: Image.Image, recipe: Recipe, size: tuple[int, int]) -> bool:
     reduced = image.info.get(REDUCED_SCALE, 1) > 1 and not recipe.exact_decode
     shrinks = size[0] <= image.width and size[1] <= image.height
-    return reduced and shrinks and recipe.interpolation in _TORCH_FILTERS
+    return reduced and shrinks and recipe.interpolation in TENSOR_INTERPOLATIONS
 
 
 def _torch_resize(
