@@ -211,15 +211,20 @@ def _device_main(
 def combined_times(per_device: Sequence[dict[str, float | str]]) -> dict[str, float | str]:
     """The stage times of several devices as one: seconds summed (so shares such as the
     model's wait on input weigh every device by its time), and where each decoded, listed."""
-    out: dict[str, float | str] = {}
+    seconds: dict[str, float] = {}
+    texts: dict[str, list[str]] = {}
     for times in per_device:
         for key, value in times.items():
             if isinstance(value, str):
-                seen = [v for v in str(out.get(key, "")).split("; ") if v]
-                out[key] = "; ".join([*seen, value] if value and value not in seen else seen)
+                seen = texts.setdefault(key, [])
+                if value and value not in seen:
+                    seen.append(value)
             else:
-                out[key] = round(float(out.get(key, 0.0)) + value, 3)
-    return out
+                seconds[key] = seconds.get(key, 0.0) + value
+    return {
+        **{key: round(total, 3) for key, total in seconds.items()},
+        **{key: "; ".join(values) for key, values in texts.items()},
+    }
 
 
 def _result(summary) -> dict:

@@ -49,14 +49,14 @@ def to_host(
 ) -> PendingRows:
     """Cast `tokens` to `store_dtype` on their device and queue their copy to the host."""
     dtype = STORE_TORCH[store_dtype]
+    device = next(iter(tokens.values())).device if tokens else torch.device("cpu")
     cast = {name: t.to(dtype) for name, t in tokens.items()}
-    made = torch.zeros((), dtype=torch.int64, device=_device(tokens))
+    made = torch.zeros((), dtype=torch.int64, device=device)
     if dtype != torch.float32:
         # Counted where the cast ran, the same count the writer's numpy cast gives: values
         # finite before and inf after (float16 overflows past +-65504).
         for name, t in tokens.items():
             made += (~torch.isfinite(cast[name])).sum() - (~torch.isfinite(t)).sum()
-    device = _device(tokens)
     if device.type == "cpu":
         return PendingRows(cast, made, None, ragged, extra)
     if device.type != "cuda":  # MPS and others: a plain blocking copy
@@ -69,7 +69,3 @@ def to_host(
     ready = torch.cuda.Event()
     ready.record()
     return PendingRows(host, made_host, ready, ragged, extra)
-
-
-def _device(tokens: dict[str, torch.Tensor]) -> torch.device:
-    return next(iter(tokens.values())).device if tokens else torch.device("cpu")

@@ -9,8 +9,9 @@ from typing import Any
 
 from dinoreg.output.writer import Writer
 
-# A batch's arrays, or a callable that waits for them: () -> (arrays, values made non-finite)
-RowSource = Mapping[str, Any] | Callable[[], tuple[Mapping[str, Any], int]]
+# Called on the writer's thread: waits for a batch's arrays (a copy from the device) and returns
+# them with the values their cast to the store dtype made non-finite.
+RowSource = Callable[[], tuple[Mapping[str, Any], int]]
 
 
 class BackgroundWriter:
@@ -31,8 +32,7 @@ class BackgroundWriter:
         return self
 
     def submit(self, paths: Sequence[str], rows: RowSource, failures: Sequence) -> None:
-        """Queue one batch; `rows` may be a callable, called on the writer's thread, that
-        waits for the rows (a copy from the device) and returns (arrays, made_nonfinite)."""
+        """Queue one batch; `rows()` runs on the writer's thread (`RowSource`)."""
         if self.error is not None:
             raise self.error
         self.queue.put((paths, rows, failures))
@@ -42,7 +42,7 @@ class BackgroundWriter:
             if self.error is None:
                 paths, rows, failures = item
                 try:
-                    arrays, made = rows() if callable(rows) else (rows, 0)
+                    arrays, made = rows()
                     self.writer.write_batch(paths, arrays, failures, made_nonfinite=made)
                 except BaseException as exc:  # re-raised in the main thread
                     self.error = exc
